@@ -1,0 +1,277 @@
+// Checks, output allocation and parameter filling shared by the CPU and CUDA
+// backends (see attention.h). Messages name the argument and the expectation.
+#include "attention.h"
+
+#include <limits>
+
+namespace selfattn {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 512;
+
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+BSHD bshd(const at::Tensor& t) {
+  return BSHD{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+void check_bshd(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, "selfattn: ", name, " must be 4-D (B, S, H, D), got ", t.dim(),
+              "-D");
+  TORCH_CHECK(t.size(3) == 0 || t.stride(3) == 1, "selfattn: ", name,
+              " must have a contiguous last dim (stride 1), got stride ", t.stride(3));
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_bshd("q", q);
+  check_bshd("k", k);
+  check_bshd("v", v);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "selfattn: q must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "selfattn: q, k and v must have one dtype, got ", dtype, ", ", k.scalar_type(),
+              " and ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "selfattn: q, k and v must be on one device, got ", q.device(), ", ", k.device(),
+              " and ", v.device());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              "selfattn: q, k and v must have one batch size, got ", q.size(0), ", ", k.size(0),
+              " and ", v.size(0));
+  TORCH_CHECK(v.size(1) == k.size(1), "selfattn: v has ", v.size(1),
+              " keys, which differs from k's ", k.size(1));
+  TORCH_CHECK(v.size(2) == k.size(2), "selfattn: v has ", v.size(2),
+              " heads, which differs from k's ", k.size(2));
+  TORCH_CHECK(k.size(3) == q.size(3), "selfattn: k has head dim ", k.size(3),
+              ", which differs from q's ", q.size(3));
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, "selfattn: k has ", k.size(2),
+              " heads, which does not divide q's ", q.size(2), " heads");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "selfattn: head dim of q must be in [1, ",
+              kMaxHeadDim, "], got ", q.size(3));
+  TORCH_CHECK(v.size(3) >= 1 && v.size(3) <= kMaxHeadDim, "selfattn: head dim of v must be in [1, ",
+              kMaxHeadDim, "], got ", v.size(3));
+}
+
+// Strides that read `t` (right-aligned, up to 4 dims) as (B, Hq, Sq, Sk).
+void broadcast_strides(const at::Tensor& t, const int64_t (&target)[4], int64_t (&out)[4]) {
+  const int64_t lead = 4 - t.dim();
+  for (int64_t d = 0; d < 4; ++d) {
+    if (d < lead || t.size(d - lead) == 1) {
+      out[d] = 0;
+    } else {
+      out[d] = t.stride(d - lead);
+    }
+  }
+  (void)target;
+}
+
+MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
+                   int64_t Sk) {
+  MaskView view;
+  if (!attn_mask.has_value()) return view;
+  const at::Tensor& m = *attn_mask;
+  const int64_t target[4] = {q.size(0), q.size(2), q.size(1), Sk};
+  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+              "selfattn: attn_mask must be bool or have q's dtype ", q.scalar_type(), ", got ",
+              m.scalar_type());
+  TORCH_CHECK(m.device() == q.device(), "selfattn: attn_mask must be on q's device ", q.device(),
+              ", got ", m.device());
+  TORCH_CHECK(m.dim() <= 4, "selfattn: attn_mask must have at most 4 dims, got ", m.dim());
+  const int64_t lead = 4 - m.dim();
+  for (int64_t d = lead; d < 4; ++d) {
+    TORCH_CHECK(m.size(d - lead) == 1 || m.size(d - lead) == target[d],
+                "selfattn: attn_mask of shape ", m.sizes(),
+                " is not broadcastable to (B, Hq, Sq, Sk) = ", at::IntArrayRef(target));
+  }
+  int64_t s[4];
+  broadcast_strides(m, target, s);
+  view.ptr = m.data_ptr();
+  view.kind = m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Float;
+  view.batch = s[0];
+  view.head = s[1];
+  view.row = s[2];
+  view.col = s[3];
+  return view;
+}
+
+void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& attn_mask,
+                 const std::optional<at::Tensor>& key_lengths,
+                 const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double dropout_p) {
+  p.B = q.size(0);
+  p.Sq = q.size(1);
+  p.Hq = q.size(2);
+  p.D = q.size(3);
+  p.Sk = k.size(1);
+  p.Hkv = k.size(2);
+  p.Dv = v.size(3);
+  p.q = bshd(q);
+  p.k = bshd(k);
+  p.v = bshd(v);
+  TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
+  p.scale = scale;
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
+              window_right, ")");
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.diag_offset = bottom_right ? p.Sk - p.Sq : 0;
+  p.mask = mask_view(attn_mask, q, p.Sk);
+  if (key_lengths.has_value()) {
+    const at::Tensor& kl = *key_lengths;
+    TORCH_CHECK(kl.scalar_type() == at::kLong, "selfattn: key_lengths must be int64, got ",
+                kl.scalar_type());
+    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == p.B, "selfattn: key_lengths must have shape (",
+                p.B, ",), got ", kl.sizes());
+    TORCH_CHECK(kl.device() == q.device(), "selfattn: key_lengths must be on q's device ",
+                q.device(), ", got ", kl.device());
+    TORCH_CHECK(kl.is_contiguous(), "selfattn: key_lengths must be contiguous");
+    if (kl.is_cpu() && p.B > 0) {
+      TORCH_CHECK(kl.min().item<int64_t>() >= 0 && kl.max().item<int64_t>() <= p.Sk,
+                  "selfattn: key_lengths must lie in [0, ", p.Sk, "]");
+    }
+    p.key_lengths = kl.data_ptr<int64_t>();
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "selfattn: dropout_p must be in [0, 1), got ",
+              dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_state.has_value(), "selfattn: dropout_p > 0 needs rng_state");
+    const at::Tensor& r = *rng_state;
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.size(0) == 2 &&
+                    r.is_contiguous(),
+                "selfattn: rng_state must be a contiguous int64 tensor of shape (2,)");
+    TORCH_CHECK(r.device() == q.device(), "selfattn: rng_state must be on q's device ",
+                q.device(), ", got ", r.device());
+    p.rng_state = r.data_ptr<int64_t>();
+    p.dropout_threshold = uint32_t(std::min(dropout_p * 4294967296.0, 4294967295.0));
+    p.dropout_scale = 1.0 / (1.0 - dropout_p);
+  }
+}
+
+bool empty_problem(const AttnParams& p) {
+  return p.B == 0 || p.Sq == 0 || p.Hq == 0;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_op(
+    const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double dropout_p) {
+  check_qkv(q, k, v);
+  AttnParams p;
+  fill_params(p, q, k, v, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
+              bottom_right, dropout_p);
+  auto out = at::empty({p.B, p.Sq, p.Hq, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(acc_dtype(q.scalar_type())));
+  if (empty_problem(p)) return {out, lse};
+  if (p.Sk == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  p.out = bshd(out);
+  p.lse = lse.data_ptr();
+  backend.forward(p, q.scalar_type());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double dropout_p, bool mask_grad) {
+  check_qkv(q, k, v);
+  check_bshd("dout", dout);
+  check_bshd("out", out);
+  const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
+  TORCH_CHECK(dout.sizes() == out_shape && out.sizes() == out_shape,
+              "selfattn: dout and out must have shape (B, Sq, Hq, Dv) = ",
+              at::IntArrayRef(out_shape), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "selfattn: dout and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() &&
+                  lse.device() == q.device(),
+              "selfattn: dout, out and lse must be on q's device ", q.device());
+  TORCH_CHECK(lse.scalar_type() == acc_dtype(q.scalar_type()) && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(2), q.size(1)}),
+              "selfattn: lse must be a contiguous ", acc_dtype(q.scalar_type()),
+              " tensor of shape (B, Hq, Sq)");
+  AttnBwdParams p;
+  fill_params(p, q, k, v, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
+              bottom_right, dropout_p);
+  auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  at::Tensor dmask;
+  const bool want_dmask = mask_grad && attn_mask.has_value();
+  if (want_dmask) {
+    TORCH_CHECK(attn_mask->scalar_type() != at::kBool,
+                "selfattn: mask_grad needs a float attn_mask, got a bool one");
+    dmask = at::zeros(attn_mask->sizes(), q.options().dtype(acc_dtype(q.scalar_type())));
+  } else {
+    dmask = at::empty({0}, q.options());
+  }
+  if (empty_problem(p) || p.Sk == 0) {
+    return {dq, dk, dv, want_dmask ? dmask.to(attn_mask->scalar_type()) : dmask};
+  }
+  p.out = bshd(out);
+  p.lse = lse.data_ptr();
+  p.dout = bshd(dout);
+  p.dq = bshd(dq);
+  p.dk = bshd(dk);
+  p.dv = bshd(dv);
+  if (want_dmask) {
+    const int64_t target[4] = {p.B, p.Hq, p.Sq, p.Sk};
+    int64_t s[4];
+    broadcast_strides(dmask, target, s);
+    p.dmask.ptr = dmask.data_ptr();
+    p.dmask.kind = MaskKind::Float;
+    p.dmask.batch = s[0];
+    p.dmask.head = s[1];
+    p.dmask.row = s[2];
+    p.dmask.col = s[3];
+  }
+  auto delta = at::empty({p.B, p.Hq, p.Sq}, lse.options());
+  p.delta = delta.data_ptr();
+  backend.backward(p, q.scalar_type());
+  if (want_dmask) dmask = dmask.to(attn_mask->scalar_type());
+  return {dq, dk, dv, dmask};
+}
+
+at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tensor& k,
+                    const std::optional<at::Tensor>& lse,
+                    const std::optional<at::Tensor>& attn_mask,
+                    const std::optional<at::Tensor>& key_lengths,
+                    const std::optional<at::Tensor>& rng_state, double scale,
+                    int64_t window_left, int64_t window_right, bool bottom_right,
+                    double dropout_p) {
+  check_qkv(q, k, k);
+  AttnParams p;
+  fill_params(p, q, k, k, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
+              bottom_right, dropout_p);
+  auto probs = at::empty({p.B, p.Hq, p.Sq, p.Sk}, q.options());
+  if (probs.numel() == 0) return probs;
+  at::Tensor lse_buf;
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == acc_dtype(q.scalar_type()) && lse->is_contiguous() &&
+                    lse->device() == q.device() &&
+                    lse->sizes() == at::IntArrayRef({p.B, p.Hq, p.Sq}),
+                "selfattn: lse must be a contiguous ", acc_dtype(q.scalar_type()),
+                " tensor of shape (B, Hq, Sq) on q's device");
+    lse_buf = *lse;
+  } else {
+    lse_buf = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(acc_dtype(q.scalar_type())));
+  }
+  p.lse = lse_buf.data_ptr();
+  backend.probs(p, probs.data_ptr(), !lse.has_value(), q.scalar_type());
+  return probs;
+}
+
+}  // namespace selfattn

@@ -1,0 +1,528 @@
+// CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
+//
+// Forward: one task per (b, hq, block of kBlockM query rows); it streams the
+// visible key tiles (kBlockN keys), computes S = scale * Q Kᵀ (+ mask), keeps
+// the running row max and sum (online softmax) and accumulates O += P V.
+// Backward: preprocessing delta = rowsum(dO ∘ O); then one task per
+// (b, hkv, block of kBlockN keys) that visits every query head of the group and
+// every query block that sees those keys, recomputes P = exp(S - lse) and
+// accumulates dK, dV in the task and dQ in a per-thread float buffer that is
+// summed at the end (deterministic for a given thread count). Probs: one task
+// per query block, computing lse first when it is not given.
+//
+// Matmuls use a register-blocked micro-kernel (gemm_acc) in the accumulation
+// type (float, or double for float64) on tiles converted to that type; the
+// softmax arithmetic is at::vec. Extra memory is O(B·H·S) plus per-thread
+// tiles: no Sq x Sk buffer. Dropout bits come from philox.h, keyed by
+// (b, h, i, j), so the backward regenerates the forward's mask.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../attention.h"
+#include "../philox.h"
+
+namespace selfattn {
+namespace {
+
+constexpr int64_t kBlockM = 64;  // query rows per tile
+constexpr int64_t kBlockN = 64;  // keys per tile
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// ---------------------------------------------------------------------------
+// Micro-kernel: C (M x N, row stride ldc) (+)= A (M x K) * B (K x N, row stride ldb).
+// A is read element-wise through (a_rs, a_cs) strides, so transposed A costs
+// nothing; B and C rows are contiguous. kRows rows of C and two vectors of
+// columns stay in registers across the K loop.
+
+template <typename T, int kRows>
+void gemm_rows(int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
+               int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t kVec = Vec<T>::size();
+  int64_t n = 0;
+  for (; n + 2 * kVec <= N; n += 2 * kVec) {
+    Vec<T> c0[kRows], c1[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      c0[r] = accumulate ? Vec<T>::loadu(C + r * ldc + n) : Vec<T>(T(0));
+      c1[r] = accumulate ? Vec<T>::loadu(C + r * ldc + n + kVec) : Vec<T>(T(0));
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec<T> b0 = Vec<T>::loadu(B + k * ldb + n);
+      const Vec<T> b1 = Vec<T>::loadu(B + k * ldb + n + kVec);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec<T> a(A[r * a_rs + k * a_cs]);
+        c0[r] = at::vec::fmadd(a, b0, c0[r]);
+        c1[r] = at::vec::fmadd(a, b1, c1[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      c0[r].store(C + r * ldc + n);
+      c1[r].store(C + r * ldc + n + kVec);
+    }
+  }
+  for (; n < N; n += kVec) {
+    const int64_t count = std::min<int64_t>(kVec, N - n);
+    Vec<T> c[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      c[r] = accumulate ? Vec<T>::loadu(C + r * ldc + n, count) : Vec<T>(T(0));
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec<T> b = Vec<T>::loadu(B + k * ldb + n, count);
+      for (int r = 0; r < kRows; ++r) {
+        c[r] = at::vec::fmadd(Vec<T>(A[r * a_rs + k * a_cs]), b, c[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) c[r].store(C + r * ldc + n, count);
+  }
+}
+
+template <typename T>
+void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+              const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    gemm_rows<T, 4>(N, K, A + m * a_rs, a_rs, a_cs, B, ldb, C + m * ldc, ldc, accumulate);
+  }
+  const T* a = A + m * a_rs;
+  T* c = C + m * ldc;
+  switch (M - m) {
+    case 3: gemm_rows<T, 3>(N, K, a, a_rs, a_cs, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_rows<T, 2>(N, K, a, a_rs, a_cs, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_rows<T, 1>(N, K, a, a_rs, a_cs, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Element helpers.
+
+inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
+inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+template <typename S, typename T>
+void to_acc(const S* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+template <typename S, typename T>
+void from_acc(const T* src, S* dst, int64_t n, T factor) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i] * factor);
+}
+
+// rows x cols of a (B, S, H, D) tensor at (b, s0, h) converted to a dense acc tile.
+template <typename S, typename T>
+void load_tile(const BSHD& t, int64_t b, int64_t s0, int64_t h, int64_t rows, int64_t cols,
+               T* dst) {
+  const S* base = static_cast<const S*>(t.ptr) + b * t.batch + s0 * t.row + h * t.head;
+  for (int64_t r = 0; r < rows; ++r) to_acc(base + r * t.row, dst + r * cols, cols);
+}
+
+// The same tile transposed: dst (cols x rows), row stride `rows`.
+template <typename S, typename T>
+void load_tile_t(const BSHD& t, int64_t b, int64_t s0, int64_t h, int64_t rows, int64_t cols,
+                 T* dst) {
+  const S* base = static_cast<const S*>(t.ptr) + b * t.batch + s0 * t.row + h * t.head;
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* src = base + r * t.row;
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<T>(src[c]);
+  }
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ---------------------------------------------------------------------------
+// Visibility: window, causal alignment and key_lengths as key ranges.
+
+struct Visibility {
+  const AttnParams& p;
+
+  int64_t kv_len(int64_t b) const {
+    if (p.key_lengths == nullptr) return p.Sk;
+    return std::clamp<int64_t>(p.key_lengths[b], 0, p.Sk);
+  }
+  // First visible key of query row i (may exceed the last).
+  int64_t lo(int64_t i) const {
+    return p.window_left >= 0 ? std::max<int64_t>(0, i + p.diag_offset - p.window_left) : 0;
+  }
+  // One past the last visible key of query row i in batch entry b.
+  int64_t hi(int64_t b, int64_t i) const {
+    const int64_t len = kv_len(b);
+    return p.window_right >= 0 ? std::clamp<int64_t>(i + p.diag_offset + p.window_right + 1, 0, len)
+                               : len;
+  }
+  // Query rows [first, last) that see at least one key of [j0, j1).
+  int64_t first_row(int64_t j0) const {
+    return p.window_right >= 0 ? std::max<int64_t>(0, j0 - p.diag_offset - p.window_right) : 0;
+  }
+  int64_t last_row(int64_t j1) const {
+    return p.window_left >= 0 ? std::clamp<int64_t>(j1 - p.diag_offset + p.window_left, 0, p.Sq)
+                              : p.Sq;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Scores of one tile: S (m x n, row stride lds) = scale * Q Kᵀ + mask, with
+// -inf where key j0 + c is not visible to query i0 + r. Q is (m x D) dense, Kt
+// is (D x n) dense.
+template <typename S, typename T>
+void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
+                int64_t m, int64_t j0, int64_t n, const T* Q, const T* Kt, T* Sc, int64_t lds) {
+  gemm_acc<T>(m, n, p.D, Q, p.D, 1, Kt, n, Sc, lds, false);
+  const T scale = static_cast<T>(p.scale);
+  const MaskView& mk = p.mask;
+  for (int64_t r = 0; r < m; ++r) {
+    T* s = Sc + r * lds;
+    const int64_t i = i0 + r;
+    at::vec::map([scale](Vec<T> x) { return x * Vec<T>(scale); }, s, s, n);
+    if (mk.kind == MaskKind::Float) {
+      const S* mrow = static_cast<const S*>(mk.ptr) + b * mk.batch + h * mk.head + i * mk.row +
+                      j0 * mk.col;
+      for (int64_t c = 0; c < n; ++c) s[c] += static_cast<T>(mrow[c * mk.col]);
+    } else if (mk.kind == MaskKind::Bool) {
+      const bool* mrow = static_cast<const bool*>(mk.ptr) + b * mk.batch + h * mk.head +
+                         i * mk.row + j0 * mk.col;
+      for (int64_t c = 0; c < n; ++c) {
+        if (!mrow[c * mk.col]) s[c] = neg_inf<T>();
+      }
+    }
+    const int64_t lo = std::clamp<int64_t>(vis.lo(i) - j0, 0, n);
+    const int64_t hi = std::clamp<int64_t>(vis.hi(b, i) - j0, lo, n);
+    std::fill(s, s + lo, neg_inf<T>());
+    std::fill(s + hi, s + n, neg_inf<T>());
+  }
+}
+
+// z[c] = dropout_scale if element (b, h, i, j0 + c) is kept, else 0.
+template <typename T>
+void dropout_row(const AttnParams& p, int64_t bh, int64_t i, int64_t j0, int64_t n, T* z) {
+  const uint64_t seed = uint64_t(p.rng_state[0]);
+  const uint64_t offset = uint64_t(p.rng_state[1]);
+  const T keep = static_cast<T>(p.dropout_scale);
+  Philox4 bits{};
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t j = j0 + c;
+    if (c == 0 || (j & 3) == 0) bits = dropout_bits(seed, offset, bh, i, j & ~int64_t(3));
+    z[c] = bits.x[j & 3] >= p.dropout_threshold ? keep : T(0);
+  }
+}
+
+template <typename T>
+T row_max(const T* s, int64_t n) {
+  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, s,
+                                n);
+}
+
+// s = exp(s - shift) in place; returns the sum.
+template <typename T>
+T exp_shift_sum(T* s, int64_t n, T shift) {
+  at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, s, s, n);
+  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, s, n);
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+template <typename S>
+void forward_kernel(const AttnParams& p) {
+  using T = at::opmath_type<S>;
+  const Visibility vis{p};
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
+  const bool dropout = p.dropout_threshold > 0;
+  at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Q(kBlockM * p.D), Kt(p.D * kBlockN), V(kBlockN * p.Dv);
+    std::vector<T> Sc(kBlockM * kBlockN), O(kBlockM * p.Dv), z(kBlockN);
+    std::vector<T> row_m(kBlockM), row_l(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks;
+      const int64_t h = (task / m_blocks) % p.Hq;
+      const int64_t b = task / (m_blocks * p.Hq);
+      const int64_t hk = h / group;
+      const int64_t i0 = mb * kBlockM;
+      const int64_t m = std::min(kBlockM, p.Sq - i0);
+      const int64_t j_begin = vis.lo(i0);
+      const int64_t j_end = vis.hi(b, i0 + m - 1);
+      std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
+      std::fill(row_l.begin(), row_l.end(), T(0));
+      std::fill(O.begin(), O.end(), T(0));
+      if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, m, p.D, Q.data());
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+        const int64_t n = std::min(kBlockN, j_end - j0);
+        load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Sc.data(), kBlockN);
+        for (int64_t r = 0; r < m; ++r) {
+          T* s = Sc.data() + r * kBlockN;
+          const T m_new = std::max(row_m[r], row_max(s, n));
+          if (m_new == neg_inf<T>()) {  // nothing visible yet in this row
+            std::fill(s, s + n, T(0));
+            continue;
+          }
+          const T alpha = std::exp(row_m[r] - m_new);
+          row_l[r] = row_l[r] * alpha + exp_shift_sum(s, n, m_new);
+          row_m[r] = m_new;
+          if (alpha != T(1)) {
+            T* o = O.data() + r * p.Dv;
+            at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
+          }
+          if (dropout) {
+            dropout_row(p, b * p.Hq + h, i0 + r, j0, n, z.data());
+            at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
+          }
+        }
+        load_tile<S>(p.v, b, j0, hk, n, p.Dv, V.data());
+        gemm_acc<T>(m, p.Dv, n, Sc.data(), kBlockN, 1, V.data(), p.Dv, O.data(), p.Dv, true);
+      }
+      S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + h * p.out.head;
+      T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
+      for (int64_t r = 0; r < m; ++r) {
+        const bool dead = row_l[r] == T(0);
+        from_acc(O.data() + r * p.Dv, out + (i0 + r) * p.out.row, p.Dv,
+                 dead ? T(0) : T(1) / row_l[r]);
+        lse[i0 + r] = dead ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+
+template <typename S>
+void backward_kernel(const AttnBwdParams& p) {
+  using T = at::opmath_type<S>;
+  const Visibility vis{p};
+  const int64_t group = p.Hq / p.Hkv;
+  const bool dropout = p.dropout_threshold > 0;
+  const T scale = static_cast<T>(p.scale);
+  T* delta = static_cast<T*>(p.delta);
+  const T* lse_all = static_cast<const T*>(p.lse);
+
+  // delta = rowsum(dO ∘ O), (B, Hq, Sq)
+  at::parallel_for(0, p.B * p.Hq * p.Sq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t i = idx % p.Sq;
+      const int64_t h = (idx / p.Sq) % p.Hq;
+      const int64_t b = idx / (p.Sq * p.Hq);
+      const S* o = static_cast<const S*>(p.out.ptr) + b * p.out.batch + i * p.out.row +
+                   h * p.out.head;
+      const S* d = static_cast<const S*>(p.dout.ptr) + b * p.dout.batch + i * p.dout.row +
+                   h * p.dout.head;
+      T acc = 0;
+      for (int64_t c = 0; c < p.Dv; ++c) acc += static_cast<T>(o[c]) * static_cast<T>(d[c]);
+      delta[idx] = acc;
+    }
+  });
+
+  // Per-thread accumulators for dQ (B, Sq, Hq, D) and the mask gradient.
+  const int64_t threads = at::get_num_threads();
+  const int64_t dq_size = p.B * p.Sq * p.Hq * p.D;
+  std::vector<T> dq_acc(threads * dq_size, T(0));
+  const bool want_dmask = p.dmask.ptr != nullptr;
+  // dmask buffer extent: the largest offset reachable through its strides + 1.
+  const int64_t dmask_size =
+      want_dmask ? (p.B - 1) * p.dmask.batch + (p.Hq - 1) * p.dmask.head +
+                       (p.Sq - 1) * p.dmask.row + (p.Sk - 1) * p.dmask.col + 1
+                 : 0;
+  std::vector<T> dmask_acc(threads * dmask_size, T(0));
+
+  const int64_t n_blocks = (p.Sk + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, p.B * p.Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    T* dq_t = dq_acc.data() + tid * dq_size;
+    T* dmask_t = dmask_acc.data() + tid * dmask_size;
+    std::vector<T> Kc(kBlockN * p.D), Kt(p.D * kBlockN), Vt(p.Dv * kBlockN);
+    std::vector<T> dK(kBlockN * p.D), dV(kBlockN * p.Dv);
+    std::vector<T> Q(kBlockM * p.D), dO(kBlockM * p.Dv);
+    std::vector<T> Pm(kBlockM * kBlockN), dP(kBlockM * kBlockN), z(kBlockN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_blocks;
+      const int64_t hk = (task / n_blocks) % p.Hkv;
+      const int64_t b = task / (n_blocks * p.Hkv);
+      const int64_t j0 = nb * kBlockN;
+      const int64_t n = std::min(kBlockN, vis.kv_len(b) - j0);
+      if (n <= 0) continue;  // padding keys: dK, dV stay 0
+      const int64_t i_begin = vis.first_row(j0);
+      const int64_t i_end = vis.last_row(j0 + n);
+      if (i_begin >= i_end) continue;
+      load_tile<S>(p.k, b, j0, hk, n, p.D, Kc.data());
+      load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
+      load_tile_t<S>(p.v, b, j0, hk, n, p.Dv, Vt.data());
+      std::fill(dK.begin(), dK.end(), T(0));
+      std::fill(dV.begin(), dV.end(), T(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
+        const T* dl = delta + (b * p.Hq + h) * p.Sq;
+        for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
+          const int64_t m = std::min(kBlockM, i_end - i0);
+          load_tile<S>(p.q, b, i0, h, m, p.D, Q.data());
+          load_tile<S>(p.dout, b, i0, h, m, p.Dv, dO.data());
+          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Pm.data(), kBlockN);
+          gemm_acc<T>(m, n, p.Dv, dO.data(), p.Dv, 1, Vt.data(), n, dP.data(), kBlockN, false);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r;
+            T* pr = Pm.data() + r * kBlockN;
+            T* dpr = dP.data() + r * kBlockN;
+            if (lse[i] == neg_inf<T>()) {  // row sees no key: P = 0, no gradient
+              std::fill(pr, pr + n, T(0));
+              std::fill(dpr, dpr + n, T(0));
+              continue;
+            }
+            const T shift = lse[i];
+            at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, pr, pr, n);
+            if (dropout) {
+              dropout_row(p, b * p.Hq + h, i, j0, n, z.data());
+              at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, dpr, dpr, z.data(), n);
+            }
+            const T d = dl[i];
+            // dS = P ∘ (dP∘Z - delta), kept in dP; P∘Z (for dV) kept in Pm.
+            at::vec::map2([d](Vec<T> x, Vec<T> y) { return x * (y - Vec<T>(d)); }, dpr, pr, dpr,
+                          n);
+            if (dropout) {
+              at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, pr, pr, z.data(), n);
+            }
+            if (want_dmask) {
+              T* dm = dmask_t + b * p.dmask.batch + h * p.dmask.head + i * p.dmask.row +
+                      j0 * p.dmask.col;
+              for (int64_t c = 0; c < n; ++c) dm[c * p.dmask.col] += dpr[c];
+            }
+          }
+          // dV += (P∘Z)ᵀ dO, dK += dSᵀ Q, dQ += dS K (scale applied at the end).
+          gemm_acc<T>(n, p.Dv, m, Pm.data(), 1, kBlockN, dO.data(), p.Dv, dV.data(), p.Dv, true);
+          gemm_acc<T>(n, p.D, m, dP.data(), 1, kBlockN, Q.data(), p.D, dK.data(), p.D, true);
+          gemm_acc<T>(m, p.D, n, dP.data(), kBlockN, 1, Kc.data(), p.D,
+                      dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
+        }
+      }
+      S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j0 * p.dk.row + hk * p.dk.head;
+      S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j0 * p.dv.row + hk * p.dv.head;
+      for (int64_t c = 0; c < n; ++c) {
+        from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, scale);
+        from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
+      }
+    }
+  });
+
+  // dq = scale * sum over threads; dq is contiguous (B, Sq, Hq, D).
+  S* dq = static_cast<S*>(p.dq.ptr);
+  at::parallel_for(0, dq_size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      T acc = 0;
+      for (int64_t t = 0; t < threads; ++t) acc += dq_acc[t * dq_size + idx];
+      dq[idx] = static_cast<S>(acc * scale);
+    }
+  });
+  if (want_dmask) {
+    T* dmask = static_cast<T*>(const_cast<void*>(p.dmask.ptr));
+    for (int64_t t = 0; t < threads; ++t) {
+      for (int64_t idx = 0; idx < dmask_size; ++idx) dmask[idx] += dmask_acc[t * dmask_size + idx];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Probabilities (B, Hq, Sq, Sk) contiguous.
+
+template <typename S>
+void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
+  using T = at::opmath_type<S>;
+  const Visibility vis{p};
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
+  const bool dropout = p.dropout_threshold > 0;
+  at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Q(kBlockM * p.D), Kt(p.D * kBlockN), Sc(kBlockM * kBlockN), z(kBlockN);
+    std::vector<T> row_m(kBlockM), row_l(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks;
+      const int64_t h = (task / m_blocks) % p.Hq;
+      const int64_t b = task / (m_blocks * p.Hq);
+      const int64_t hk = h / group;
+      const int64_t i0 = mb * kBlockM;
+      const int64_t m = std::min(kBlockM, p.Sq - i0);
+      const int64_t j_begin = vis.lo(i0);
+      const int64_t j_end = vis.hi(b, i0 + m - 1);
+      T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq + i0;
+      S* out = probs + ((b * p.Hq + h) * p.Sq + i0) * p.Sk;
+      std::fill(out, out + m * p.Sk, S(0));
+      if (j_begin >= j_end) {
+        if (compute_lse) std::fill(lse, lse + m, neg_inf<T>());
+        continue;
+      }
+      load_tile<S>(p.q, b, i0, h, m, p.D, Q.data());
+      if (compute_lse) {
+        std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
+        std::fill(row_l.begin(), row_l.end(), T(0));
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+          const int64_t n = std::min(kBlockN, j_end - j0);
+          load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
+          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Sc.data(), kBlockN);
+          for (int64_t r = 0; r < m; ++r) {
+            T* s = Sc.data() + r * kBlockN;
+            const T m_new = std::max(row_m[r], row_max(s, n));
+            if (m_new == neg_inf<T>()) continue;
+            row_l[r] = row_l[r] * std::exp(row_m[r] - m_new) + exp_shift_sum(s, n, m_new);
+            row_m[r] = m_new;
+          }
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          lse[r] = row_l[r] == T(0) ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
+        }
+      }
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+        const int64_t n = std::min(kBlockN, j_end - j0);
+        load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Sc.data(), kBlockN);
+        for (int64_t r = 0; r < m; ++r) {
+          if (lse[r] == neg_inf<T>()) continue;
+          T* s = Sc.data() + r * kBlockN;
+          const T shift = lse[r];
+          at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, s, s, n);
+          if (dropout) {
+            dropout_row(p, b * p.Hq + h, i0 + r, j0, n, z.data());
+            at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
+          }
+          from_acc(s, out + r * p.Sk + j0, n, T(1));
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backend entry points.
+
+void forward_cpu(const AttnParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "selfattn_forward_cpu",
+                                  [&] { forward_kernel<scalar_t>(p); });
+}
+
+void backward_cpu(const AttnBwdParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "selfattn_backward_cpu",
+                                  [&] { backward_kernel<scalar_t>(p); });
+}
+
+void probs_cpu(const AttnParams& p, void* probs, bool compute_lse, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "selfattn_probs_cpu", [&] {
+    probs_kernel<scalar_t>(p, static_cast<scalar_t*>(probs), compute_lse);
+  });
+}
+
+const Backend kCpuBackend{forward_cpu, backward_cpu, probs_cpu};
+
+}  // namespace
+}  // namespace selfattn
+
+TORCH_LIBRARY_IMPL(selfattn, CPU, m) { SELFATTN_REGISTER_BACKEND(m, selfattn::kCpuBackend); }

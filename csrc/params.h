@@ -1,0 +1,61 @@
+// Plain parameter structs between ATen and the kernels: pointers, sizes,
+// strides (in elements), scale, visibility window, mask and dropout settings.
+// Kernels (CPU and CUDA) never see at::Tensor; ops.cpp-side code fills these.
+// Naming: B batch, Sq/Sk query/key length, Hq/Hkv query/key-value heads,
+// D head dim of q and k, Dv head dim of v and out.
+#pragma once
+#include <cstdint>
+
+namespace selfattn {
+
+// A (B, S, H, D) tensor: base pointer and strides of its first three dims.
+// The last dim is contiguous.
+struct BSHD {
+  void* ptr = nullptr;
+  int64_t batch = 0;  // stride between batch entries
+  int64_t row = 0;    // stride between sequence positions
+  int64_t head = 0;   // stride between heads
+};
+
+enum class MaskKind : int32_t { None = 0, Bool = 1, Float = 2 };
+
+// attn_mask seen as (B, Hq, Sq, Sk) without expanding it: broadcast dims have
+// stride 0. A bool mask is True where the key takes part; a float mask is
+// added to the scaled scores and has the dtype of q.
+struct MaskView {
+  const void* ptr = nullptr;
+  MaskKind kind = MaskKind::None;
+  int64_t batch = 0, head = 0, row = 0, col = 0;  // strides
+};
+
+struct AttnParams {
+  int64_t B = 0, Sq = 0, Sk = 0, Hq = 0, Hkv = 0, D = 0, Dv = 0;
+  BSHD q, k, v, out;
+  // (B, Hq, Sq) contiguous logsumexp of the scaled, masked scores: float32,
+  // or float64 for float64 inputs. -inf for rows that see no key.
+  void* lse = nullptr;
+  double scale = 1.0;
+  // Key j is visible to query i when
+  //   i + diag_offset - window_left <= j <= i + diag_offset + window_right,
+  // a negative window side meaning unbounded (causal sets window_right = 0).
+  int64_t window_left = -1, window_right = -1;
+  int64_t diag_offset = 0;  // Sk - Sq (bottom-right alignment) or 0 (top-left)
+  const int64_t* key_lengths = nullptr;  // (B,): keys j >= key_lengths[b] are padding
+  MaskView mask;
+  // Dropout on the probabilities: element kept when its Philox draw is
+  // >= dropout_threshold (= p * 2^32); kept values are scaled by dropout_scale.
+  uint32_t dropout_threshold = 0;
+  double dropout_scale = 1.0;
+  const int64_t* rng_state = nullptr;  // (seed, offset), on the device of q
+};
+
+struct AttnBwdParams : AttnParams {
+  BSHD dout, dq, dk, dv;
+  // Gradient of a float attn_mask, accumulated (summed over broadcast dims)
+  // into a contiguous buffer of the mask's own shape in the accumulation
+  // dtype; strides as in `mask` (0 on broadcast dims). ptr is null when not asked.
+  MaskView dmask;
+  void* delta = nullptr;  // (B, Hq, Sq) rowsum(dout * out), accumulation dtype
+};
+
+}  // namespace selfattn

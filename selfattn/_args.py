@@ -1,0 +1,182 @@
+"""Argument checking and normalisation shared by the fused functions and the
+reference, so both accept and refuse exactly the same inputs.
+
+Errors are ValueError (bad value or shape) or TypeError (wrong type) whose text
+names the function, the argument and the expectation.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+MAX_HEAD_DIM = 512
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class AttnArgs:
+    """Normalised masking and scaling arguments (see DESIGN.md section 2)."""
+
+    scale: float
+    window_left: int  # -1 = unbounded
+    window_right: int  # -1 = unbounded; causal makes it 0
+    bottom_right: bool
+    diag_offset: int  # Sk - Sq for bottom-right alignment, else 0
+    attn_mask: Optional[torch.Tensor]  # bool, or float in q's dtype
+    key_lengths: Optional[torch.Tensor]  # int64 (B,)
+    dropout_p: float
+    lse_dtype: torch.dtype  # float32, or float64 for float64 inputs
+
+
+def _tensor(fn, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _window_side(fn, value, side):
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: window {side} must be an int, -1 or None, got {value!r}")
+    if value < -1:
+        raise ValueError(f"{fn}: window {side} must be >= 0, or -1/None for unbounded, got {value}")
+    return int(value)
+
+
+def check_qkv(fn, q, k, v, names=("q", "k", "v")):
+    """Shapes (B, S, H, D) of q, k, v agree; returns (B, Sq, Sk, Hq, Hkv, D, Dv)."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        _tensor(fn, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (B, S, H, D), got shape {tuple(t.shape)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {nq} must be float32, float64, bfloat16 or float16, got {q.dtype}")
+    for name, t in ((nk, k), (nv, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}, which differs from {nq}'s {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, but {nq} is on {q.device}")
+    B, Sq, Hq, D = q.shape
+    _, Sk, Hkv, _ = k.shape
+    Dv = v.shape[3]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{fn}: batch sizes differ: {nq} {B}, {nk} {k.shape[0]}, {nv} {v.shape[0]}")
+    if v.shape[1] != Sk:
+        raise ValueError(f"{fn}: {nv} has {v.shape[1]} keys, which differs from {nk}'s {Sk}")
+    if v.shape[2] != Hkv:
+        raise ValueError(f"{fn}: {nv} has {v.shape[2]} heads, which differs from {nk}'s {Hkv}")
+    if k.shape[3] != D:
+        raise ValueError(f"{fn}: {nk} has head dim {k.shape[3]}, which differs from {nq}'s {D}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{fn}: {nk} has {Hkv} heads, which does not divide {nq}'s {Hq} heads")
+    for name, dim in ((nq, D), (nv, Dv)):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{fn}: head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {dim}")
+    return B, Sq, Sk, Hq, Hkv, D, Dv
+
+
+def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
+                   key_lengths, dropout_p) -> AttnArgs:
+    B, Sq, Sk, Hq, Hkv, D, Dv = check_qkv(fn, q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
+    if causal_alignment not in ("bottom_right", "top_left"):
+        raise ValueError(
+            f"{fn}: causal_alignment must be 'bottom_right' or 'top_left', got {causal_alignment!r}")
+    if window is None:
+        left, right = -1, -1
+    else:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise TypeError(f"{fn}: window must be a pair (left, right), got {window!r}")
+        left = _window_side(fn, window[0], "left")
+        right = _window_side(fn, window[1], "right")
+    if causal:
+        right = 0
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a float or None, got {scale!r}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{fn}: dropout_p must be a float, got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        _tensor(fn, "attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{fn}: attn_mask is on {attn_mask.device}, but q is on {q.device}")
+        target = (B, Hq, Sq, Sk)
+        shape = tuple(attn_mask.shape)
+        if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+            raise ValueError(
+                f"{fn}: attn_mask of shape {shape} is not broadcastable to (B, Hq, Sq, Sk) = {target}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)
+    if key_lengths is not None:
+        _tensor(fn, "key_lengths", key_lengths)
+        if key_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{fn}: key_lengths must be int32 or int64, got {key_lengths.dtype}")
+        if tuple(key_lengths.shape) != (B,):
+            raise ValueError(f"{fn}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
+        if key_lengths.device != q.device:
+            raise ValueError(f"{fn}: key_lengths is on {key_lengths.device}, but q is on {q.device}")
+        key_lengths = key_lengths.to(torch.int64).contiguous()
+    bottom_right = causal_alignment == "bottom_right"
+    return AttnArgs(
+        scale=float(scale), window_left=left, window_right=right, bottom_right=bottom_right,
+        diag_offset=Sk - Sq if bottom_right else 0, attn_mask=attn_mask,
+        key_lengths=key_lengths, dropout_p=float(dropout_p),
+        lse_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                      enable_gqa):
+    """Maps torch's SDPA arguments ((..., H, S, D) layout, top-left is_causal) to
+    `attention`'s: returns (q, k, v, kwargs, unflatten) where unflatten maps the
+    (B, Sq, Hq, Dv) output back to query's layout."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _tensor(fn, name, t)
+        if t.dim() < 3:
+            raise ValueError(f"{fn}: {name} must have at least 3 dims (..., S, D), got {t.dim()}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"{fn}: query, key and value must have the same number of dims, got "
+                         f"{query.dim()}, {key.dim()} and {value.dim()}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both")
+    lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
+
+    def to_bshd(t):
+        if t.dim() == 3:
+            t = t.unsqueeze(1)
+        elif t.dim() > 4:
+            t = t.reshape(-1, *t.shape[-3:])
+        return t.transpose(1, 2)
+
+    q, k, v = to_bshd(query), to_bshd(key), to_bshd(value)
+    if not enable_gqa and q.shape[2] != k.shape[2]:
+        raise ValueError(f"{fn}: query has {q.shape[2]} heads and key {k.shape[2]}; "
+                         "pass enable_gqa=True for grouped-query attention")
+    if attn_mask is not None and isinstance(attn_mask, torch.Tensor):
+        if query.dim() == 3 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        elif query.dim() > 4 and attn_mask.dim() > 4:
+            attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
+    kwargs = dict(causal=bool(is_causal), causal_alignment="top_left", scale=scale,
+                  attn_mask=attn_mask, dropout_p=dropout_p)
+
+    def unflatten(out: torch.Tensor) -> torch.Tensor:
+        out = out.transpose(1, 2)
+        if query.dim() == 3:
+            return out.squeeze(1)
+        return out.reshape(*lead, *out.shape[-3:]) if query.dim() > 4 else out
+
+    return q, k, v, kwargs, unflatten
+

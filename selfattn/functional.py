@@ -1,0 +1,115 @@
+"""Public fused functions: `attention` ((B, S, H, D) layout, every option),
+`scaled_dot_product_attention` (torch's signature and (B, H, S, D) layout) and
+`attention_weights`. Each checks its arguments (selfattn/_args.py), brings the
+tensors to what the ops take (last dim contiguous, int64 key_lengths, a float
+mask in q's dtype, a (seed, offset) rng_state for dropout) and calls the ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from ._args import attention_args, sdpa_to_attention
+
+__all__ = ["attention", "scaled_dot_product_attention", "attention_weights"]
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rng_state(dropout_p: float, device: torch.device,
+               generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    """(seed, offset) drawn from `generator` (or torch's default one on `device`)."""
+    if dropout_p == 0.0:
+        return None
+    gen_device = generator.device if generator is not None else device
+    state = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=gen_device,
+                          generator=generator)
+    return state.to(device)
+
+
+def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
+              scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0, generator=None,
+              return_lse=False):
+    """Fused multi-head attention.
+
+    Args:
+        q: (B, Sq, Hq, D) queries. k: (B, Sk, Hkv, D) keys. v: (B, Sk, Hkv, Dv)
+            values. Any strides with a contiguous last dim are read in place;
+            Hq must be a multiple of Hkv (GQA/MQA: query head h reads kv head
+            h // (Hq // Hkv)). float32, float64, bfloat16 or float16.
+        causal: key j is visible to query i only when j <= i + offset.
+        causal_alignment: "bottom_right" (offset = Sk - Sq, FlashAttention's
+            convention, right for KV caches) or "top_left" (offset = 0, torch's
+            is_causal).
+        window: (left, right) sliding window: i + offset - left <= j <=
+            i + offset + right; None or -1 means unbounded on that side.
+        scale: multiplies q·k; default 1 / sqrt(D).
+        attn_mask: bool (True = takes part) or float (added to the scaled
+            scores), broadcastable to (B, Hq, Sq, Sk); read in place. A float
+            mask that requires grad receives its gradient.
+        key_lengths: (B,) int; keys at positions >= key_lengths[b] are padding.
+        dropout_p: dropout on the probabilities, drawn from `generator` (or
+            torch's default generator); the backward regenerates the same mask.
+        return_lse: also return the logsumexp (B, Hq, Sq), float32 (float64
+            for float64 inputs), -inf for rows that see no key.
+
+    Returns:
+        out (B, Sq, Hq, Dv) in q's dtype; rows that see no key are 0.
+    """
+    a = attention_args("selfattn.attention", q, k, v, causal, causal_alignment, window, scale,
+                       attn_mask, key_lengths, dropout_p)
+    out, lse = ops.forward_op(
+        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), a.attn_mask,
+        a.key_lengths, _rng_state(a.dropout_p, q.device, generator), a.scale, a.window_left,
+        a.window_right, a.bottom_right, a.dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    query (N, ..., Hq, L, D), key (N, ..., Hkv, S, D), value (N, ..., Hkv, S, Dv)
+    -> (N, ..., Hq, L, Dv). Same semantics as torch: is_causal is top-left
+    aligned, a bool attn_mask is True where the key takes part, a float one is
+    added, enable_gqa allows Hq a multiple of Hkv. One difference: a query row
+    that sees no key returns 0 (torch returns NaN).
+    """
+    q, k, v, kwargs, unflatten = sdpa_to_attention(
+        "selfattn.scaled_dot_product_attention", query, key, value, attn_mask, dropout_p,
+        is_causal, scale, enable_gqa)
+    return unflatten(attention(q, k, v, **kwargs))
+
+
+def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", window=None,
+                      scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0,
+                      generator=None, lse=None):
+    """Attention probabilities (B, Hq, Sq, Sk) for q (B, Sq, Hq, D) and
+    k (B, Sk, Hkv, D), with the masking arguments of `attention`.
+
+    Computed by their own op from the logsumexp: pass `lse` from
+    `attention(..., return_lse=True)` to reuse it, else it is recomputed. With
+    dropout_p > 0 the probabilities are the dropped-out ones (kept entries
+    scaled by 1 / (1 - p)); a generator in the state the forward used gives the
+    forward's mask. Rows that see no key are 0. The result does not carry
+    gradients (it is for need_weights and for inspection).
+    """
+    a = attention_args("selfattn.attention_weights", q, k, k, causal, causal_alignment, window,
+                       scale, attn_mask, key_lengths, dropout_p)
+    if lse is not None:
+        expected = (q.shape[0], q.shape[2], q.shape[1])
+        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected \
+                or lse.dtype != a.lse_dtype:
+            raise ValueError(f"selfattn.attention_weights: lse must be a {a.lse_dtype} tensor of "
+                             f"shape (B, Hq, Sq) = {expected}")
+        lse = lse.detach().contiguous()
+    with torch.no_grad():
+        return ops.probs_op(
+            _last_dim_contiguous(q.detach()), _last_dim_contiguous(k.detach()), lse,
+            None if a.attn_mask is None else a.attn_mask.detach(), a.key_lengths,
+            _rng_state(a.dropout_p, q.device, generator), a.scale, a.window_left,
+            a.window_right, a.bottom_right, a.dropout_p)
