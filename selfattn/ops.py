@@ -67,3 +67,10 @@ def _backward(ctx, dout, _dlse):
 
 torch.library.register_autograd("selfattn::attention_forward", _backward,
                                 setup_context=_setup_context)
+
+
+# The backward and probabilities ops are not differentiable (no double
+# backward; attention weights carry no gradient): their outputs never require grad.
+_lib = torch.library.Library("selfattn", "IMPL")
+for _name in ("attention_backward", "attention_probs"):
+    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
