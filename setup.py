@@ -23,7 +23,6 @@ if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
 import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def want_cuda():
@@ -54,20 +53,34 @@ def gencode_flags():
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 
-def cpu_flags():
-    flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks
+# CPU kernels: one extension module per instruction set, all from the same
+# sources; selfattn/ops.py imports the best one the running CPU supports (so
+# no AVX-512 code is ever loaded on a CPU without it).
+X86_VARIANTS = {
+    "_cpu_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                    "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "_cpu_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def cpu_extensions():
+    sources = ["csrc/attention.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if platform.machine().lower() in ("x86_64", "amd64"):
-        # The CPU kernels use at::vec with 256-bit AVX2 + FMA; selfattn/__init__.py
-        # refuses to load on an x86 CPU without them instead of faulting.
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
+        variants = X86_VARIANTS
+    else:
+        variants = {"_cpu_generic": []}
+    return [
+        CppExtension(f"selfattn.{name}", sources, extra_compile_args={"cxx": ["-O3"] + flags})
+        for name, flags in variants.items()
+    ]
 
 
-def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = cpu_flags()
+def main_extension():
+    """selfattn._C: the op schemas, and the CUDA kernels when built."""
+    sources = ["csrc/ops.cpp", "csrc/module.cpp"]
     if not want_cuda():
-        return CppExtension("selfattn._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("selfattn._C", sources, extra_compile_args={"cxx": ["-O3"]})
+    sources += ["csrc/attention.cpp"]
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     nvcc = [
         "-O3",
@@ -79,11 +92,11 @@ def extension():
     return CUDAExtension(
         "selfattn._C",
         sources,
-        extra_compile_args={"cxx": cxx + ["-DSELFATTN_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": ["-O3", "-DSELFATTN_WITH_CUDA"], "nvcc": nvcc},
     )
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[main_extension()] + cpu_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

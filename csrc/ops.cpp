@@ -4,16 +4,7 @@
 //
 // Layout: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), any strides
 // with the last dim contiguous. Visibility window: -1 = unbounded side.
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// Importing selfattn._C runs the static registrations below; no Python functions.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(selfattn, m) {
   // -> out (B, Sq, Hq, Dv), lse (B, Hq, Sq) float32 (float64 for float64 inputs)

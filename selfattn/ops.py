@@ -1,13 +1,54 @@
 """Python side of the `torch.ops.selfattn` operators: fake kernels (shapes
 only, so torch.compile can trace and plan memory) and the autograd formula,
 whose backward calls the registered backward op. The kernels themselves are
-C++/CUDA (csrc/), loaded by importing selfattn._C.
+C++/CUDA (csrc/): selfattn._C holds the schemas (and the CUDA kernels), and
+one of the selfattn._cpu_* modules the CPU kernels, built once per
+instruction set; the best one this CPU supports is loaded.
 """
 from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
 
 import torch
 
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+
+
+def _x86_flags():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return None
+
+
+def _cpu_module_name():
+    """The CPU kernel module for this CPU; SELFATTN_CPU_ISA=avx2|avx512 forces one."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "_cpu_generic"
+    forced = os.environ.get("SELFATTN_CPU_ISA")
+    if forced:
+        if forced not in ("avx2", "avx512"):
+            raise ImportError(f"selfattn: SELFATTN_CPU_ISA must be avx2 or avx512, got {forced!r}")
+        return f"_cpu_{forced}"
+    flags = _x86_flags()
+    if flags is None:  # not Linux: trust torch's own detection
+        return "_cpu_avx512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") \
+            else "_cpu_avx2"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "_cpu_avx512"
+    if {"avx2", "fma"} <= flags:
+        return "_cpu_avx2"
+    raise ImportError("selfattn: this x86-64 CPU lacks AVX2/FMA, which the CPU kernels need")
+
+
+CPU_KERNELS = _cpu_module_name()
+importlib.import_module(f"selfattn.{CPU_KERNELS}")
 
 forward_op = torch.ops.selfattn.attention_forward.default
 backward_op = torch.ops.selfattn.attention_backward.default

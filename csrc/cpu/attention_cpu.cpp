@@ -10,9 +10,11 @@
 // summed at the end (deterministic for a given thread count). Probs: one task
 // per query block, computing lse first when it is not given.
 //
-// Matmuls use a register-blocked micro-kernel (gemm_acc) in the accumulation
-// type (float, or double for float64) on tiles converted to that type; the
-// softmax arithmetic is at::vec. Extra memory is O(B·H·S) plus per-thread
+// Tiles are converted to the accumulation type (float, or double for float64)
+// and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM micro-kernel
+// through ATen's cpublas::brgemm (JIT-compiled for the running CPU), else a
+// register-blocked micro-kernel (gemm_acc). The softmax arithmetic is at::vec;
+// q is pre-scaled by `scale` so scores need no extra pass. Extra memory is O(B·H·S) plus per-thread
 // tiles: no Sq x Sk buffer. Dropout bits come from philox.h, keyed by
 // (b, h, i, j), so the backward regenerates the forward's mask.
 #include <ATen/Dispatch.h>
@@ -20,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -103,6 +106,48 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t
   }
 }
 
+// C (M x N, ldc) (+)= A (M x K, lda) * B (K x N, ldb), all row-major.
+bool brgemm_available() {
+  static const bool ok = [] {
+    try {
+      float a[16] = {}, b[16 * 16] = {}, c[16 * 16];
+      at::native::cpublas::brgemm(16, 16, 1, 1, 16, 16, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+inline void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                   int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (brgemm_available()) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
+  } else {
+    gemm_acc<float>(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+  }
+}
+
+inline void matmul(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                   const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  gemm_acc<double>(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+}
+
+// Ends a parallel chunk that used matmul (releases brgemm's per-thread state).
+inline void matmul_release() {
+  if (brgemm_available()) at::native::cpublas::brgemm_release(false);
+}
+
+// dst (cols x rows, dense) = src (rows x cols, row stride lds) transposed.
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * lds + c];
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Element helpers.
 
@@ -110,21 +155,20 @@ inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 
 template <typename S, typename T>
-void to_acc(const S* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-template <typename S, typename T>
 void from_acc(const T* src, S* dst, int64_t n, T factor) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i] * factor);
 }
 
-// rows x cols of a (B, S, H, D) tensor at (b, s0, h) converted to a dense acc tile.
+// rows x cols of a (B, S, H, D) tensor at (b, s0, h), times `factor`, as a dense acc tile.
 template <typename S, typename T>
 void load_tile(const BSHD& t, int64_t b, int64_t s0, int64_t h, int64_t rows, int64_t cols,
-               T* dst) {
+               T* dst, T factor = T(1)) {
   const S* base = static_cast<const S*>(t.ptr) + b * t.batch + s0 * t.row + h * t.head;
-  for (int64_t r = 0; r < rows; ++r) to_acc(base + r * t.row, dst + r * cols, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* src = base + r * t.row;
+    T* d = dst + r * cols;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(src[c]) * factor;
+  }
 }
 
 // The same tile transposed: dst (cols x rows), row stride `rows`.
@@ -174,19 +218,18 @@ struct Visibility {
 };
 
 // ---------------------------------------------------------------------------
-// Scores of one tile: S (m x n, row stride lds) = scale * Q Kᵀ + mask, with
-// -inf where key j0 + c is not visible to query i0 + r. Q is (m x D) dense, Kt
-// is (D x n) dense.
+// Scores of one tile: S (m x n, row stride lds) = Qs Kᵀ + mask, with -inf
+// where key j0 + c is not visible to query i0 + r. Qs is scale * Q (m x D,
+// dense), Kt is Kᵀ (D x n, row stride ldk).
 template <typename S, typename T>
 void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
-                int64_t m, int64_t j0, int64_t n, const T* Q, const T* Kt, T* Sc, int64_t lds) {
-  gemm_acc<T>(m, n, p.D, Q, p.D, 1, Kt, n, Sc, lds, false);
-  const T scale = static_cast<T>(p.scale);
+                int64_t m, int64_t j0, int64_t n, const T* Q, const T* Kt, int64_t ldk, T* Sc,
+                int64_t lds) {
+  matmul(m, n, p.D, Q, p.D, Kt, ldk, Sc, lds, false);
   const MaskView& mk = p.mask;
   for (int64_t r = 0; r < m; ++r) {
     T* s = Sc + r * lds;
     const int64_t i = i0 + r;
-    at::vec::map([scale](Vec<T> x) { return x * Vec<T>(scale); }, s, s, n);
     if (mk.kind == MaskKind::Float) {
       const S* mrow = static_cast<const S*>(mk.ptr) + b * mk.batch + h * mk.head + i * mk.row +
                       j0 * mk.col;
@@ -228,9 +271,73 @@ T row_max(const T* s, int64_t n) {
 // s = exp(s - shift) in place; returns the sum.
 template <typename T>
 T exp_shift_sum(T* s, int64_t n, T shift) {
-  at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, s, s, n);
-  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, s, n);
+  constexpr int64_t kVec = Vec<T>::size();
+  const Vec<T> vshift(shift);
+  Vec<T> acc(T(0));
+  int64_t c = 0;
+  for (; c + kVec <= n; c += kVec) {
+    const Vec<T> x = vexp(Vec<T>::loadu(s + c) - vshift);
+    x.store(s + c);
+    acc = acc + x;
+  }
+  if (c < n) {
+    const Vec<T> x = vexp(Vec<T>::loadu(s + c, n - c) - vshift);
+    x.store(s + c, n - c);
+    acc = acc + Vec<T>::set(Vec<T>(T(0)), x, n - c);
+  }
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
 }
+
+// ---------------------------------------------------------------------------
+// K and V in the accumulation type, packed once per call so that the tiles of
+// every query block share them: Kᵀ in blocks of kBlockN keys
+// (B, Hkv, n_blocks, D, kBlockN) and V dense (B, Hkv, Sk, Dv).
+
+template <typename T>
+struct PackedKV {
+  std::vector<T> kt, v;
+  int64_t n_blocks = 0, D = 0, Dv = 0, Sk = 0, Hkv = 0;
+
+  // Kᵀ tile (D x kBlockN, row stride kBlockN) of the key block starting at j0.
+  const T* kt_tile(int64_t b, int64_t hk, int64_t j0) const {
+    return kt.data() + ((b * Hkv + hk) * n_blocks + j0 / kBlockN) * D * kBlockN;
+  }
+  // V rows from j0 on (row stride Dv).
+  const T* v_rows(int64_t b, int64_t hk, int64_t j0) const {
+    return v.data() + ((b * Hkv + hk) * Sk + j0) * Dv;
+  }
+};
+
+template <typename S, typename T>
+PackedKV<T> pack_kv(const AttnParams& p, bool with_v) {
+  PackedKV<T> pk;
+  pk.n_blocks = (p.Sk + kBlockN - 1) / kBlockN;
+  pk.D = p.D;
+  pk.Dv = p.Dv;
+  pk.Sk = p.Sk;
+  pk.Hkv = p.Hkv;
+  pk.kt.resize(p.B * p.Hkv * pk.n_blocks * p.D * kBlockN);
+  if (with_v) pk.v.resize(p.B * p.Hkv * p.Sk * p.Dv);
+  at::parallel_for(0, p.B * p.Hkv * pk.n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % pk.n_blocks;
+      const int64_t hk = (task / pk.n_blocks) % p.Hkv;
+      const int64_t b = task / (pk.n_blocks * p.Hkv);
+      const int64_t j0 = nb * kBlockN;
+      const int64_t n = std::min(kBlockN, p.Sk - j0);
+      const S* k = static_cast<const S*>(p.k.ptr) + b * p.k.batch + j0 * p.k.row + hk * p.k.head;
+      T* kt = pk.kt.data() + task * p.D * kBlockN;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlockN + jj] = static_cast<T>(k[jj * p.k.row + d]);
+      }
+      if (with_v) load_tile<S>(p.v, b, j0, hk, n, p.Dv, pk.v.data() + ((b * p.Hkv + hk) * p.Sk + j0) * p.Dv);
+    }
+  });
+  return pk;
+}
+
+// First key of the kBlockN-aligned tile that holds key j.
+inline int64_t tile_start(int64_t j) { return j / kBlockN * kBlockN; }
 
 // ---------------------------------------------------------------------------
 // Forward.
@@ -242,9 +349,10 @@ void forward_kernel(const AttnParams& p) {
   const int64_t group = p.Hq / p.Hkv;
   const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
   const bool dropout = p.dropout_threshold > 0;
+  const T scale = static_cast<T>(p.scale);
+  const PackedKV<T> pk = pack_kv<S, T>(p, true);
   at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Q(kBlockM * p.D), Kt(p.D * kBlockN), V(kBlockN * p.Dv);
-    std::vector<T> Sc(kBlockM * kBlockN), O(kBlockM * p.Dv), z(kBlockN);
+    std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), O(kBlockM * p.Dv), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
@@ -258,11 +366,11 @@ void forward_kernel(const AttnParams& p) {
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
-      if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, m, p.D, Q.data());
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+      if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
+      for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
-        load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
-        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Sc.data(), kBlockN);
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), pk.kt_tile(b, hk, j0), kBlockN,
+                      Sc.data(), kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           T* s = Sc.data() + r * kBlockN;
           const T m_new = std::max(row_m[r], row_max(s, n));
@@ -282,8 +390,7 @@ void forward_kernel(const AttnParams& p) {
             at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
           }
         }
-        load_tile<S>(p.v, b, j0, hk, n, p.Dv, V.data());
-        gemm_acc<T>(m, p.Dv, n, Sc.data(), kBlockN, 1, V.data(), p.Dv, O.data(), p.Dv, true);
+        matmul(m, p.Dv, n, Sc.data(), kBlockN, pk.v_rows(b, hk, j0), p.Dv, O.data(), p.Dv, true);
       }
       S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + h * p.out.head;
       T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
@@ -294,6 +401,7 @@ void forward_kernel(const AttnParams& p) {
         lse[i0 + r] = dead ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
       }
     }
+    matmul_release();
   });
 }
 
@@ -347,6 +455,7 @@ void backward_kernel(const AttnBwdParams& p) {
     std::vector<T> dK(kBlockN * p.D), dV(kBlockN * p.Dv);
     std::vector<T> Q(kBlockM * p.D), dO(kBlockM * p.Dv);
     std::vector<T> Pm(kBlockM * kBlockN), dP(kBlockM * kBlockN), z(kBlockN);
+    std::vector<T> Pt(kBlockN * kBlockM), dSt(kBlockN * kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task % n_blocks;
       const int64_t hk = (task / n_blocks) % p.Hkv;
@@ -367,10 +476,10 @@ void backward_kernel(const AttnBwdParams& p) {
         const T* dl = delta + (b * p.Hq + h) * p.Sq;
         for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
           const int64_t m = std::min(kBlockM, i_end - i0);
-          load_tile<S>(p.q, b, i0, h, m, p.D, Q.data());
+          load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
           load_tile<S>(p.dout, b, i0, h, m, p.Dv, dO.data());
-          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Pm.data(), kBlockN);
-          gemm_acc<T>(m, n, p.Dv, dO.data(), p.Dv, 1, Vt.data(), n, dP.data(), kBlockN, false);
+          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), n, Pm.data(), kBlockN);
+          matmul(m, n, p.Dv, dO.data(), p.Dv, Vt.data(), n, dP.data(), kBlockN, false);
           for (int64_t r = 0; r < m; ++r) {
             const int64_t i = i0 + r;
             T* pr = Pm.data() + r * kBlockN;
@@ -399,20 +508,23 @@ void backward_kernel(const AttnBwdParams& p) {
               for (int64_t c = 0; c < n; ++c) dm[c * p.dmask.col] += dpr[c];
             }
           }
-          // dV += (P∘Z)ᵀ dO, dK += dSᵀ Q, dQ += dS K (scale applied at the end).
-          gemm_acc<T>(n, p.Dv, m, Pm.data(), 1, kBlockN, dO.data(), p.Dv, dV.data(), p.Dv, true);
-          gemm_acc<T>(n, p.D, m, dP.data(), 1, kBlockN, Q.data(), p.D, dK.data(), p.D, true);
-          gemm_acc<T>(m, p.D, n, dP.data(), kBlockN, 1, Kc.data(), p.D,
-                      dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
+          // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQ += dS K (scale applied at the end).
+          transpose(Pm.data(), m, n, kBlockN, Pt.data());
+          transpose(dP.data(), m, n, kBlockN, dSt.data());
+          matmul(n, p.Dv, m, Pt.data(), m, dO.data(), p.Dv, dV.data(), p.Dv, true);
+          matmul(n, p.D, m, dSt.data(), m, Q.data(), p.D, dK.data(), p.D, true);
+          matmul(m, p.D, n, dP.data(), kBlockN, Kc.data(), p.D,
+                 dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
         }
       }
       S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j0 * p.dk.row + hk * p.dk.head;
       S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j0 * p.dv.row + hk * p.dv.head;
       for (int64_t c = 0; c < n; ++c) {
-        from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, scale);
+        from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, T(1));
         from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
       }
     }
+    matmul_release();
   });
 
   // dq = scale * sum over threads; dq is contiguous (B, Sq, Hq, D).
@@ -442,8 +554,10 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
   const int64_t group = p.Hq / p.Hkv;
   const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
   const bool dropout = p.dropout_threshold > 0;
+  const T scale = static_cast<T>(p.scale);
+  const PackedKV<T> pk = pack_kv<S, T>(p, false);
   at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Q(kBlockM * p.D), Kt(p.D * kBlockN), Sc(kBlockM * kBlockN), z(kBlockN);
+    std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
@@ -461,14 +575,14 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
         if (compute_lse) std::fill(lse, lse + m, neg_inf<T>());
         continue;
       }
-      load_tile<S>(p.q, b, i0, h, m, p.D, Q.data());
+      load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
       if (compute_lse) {
         std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
         std::fill(row_l.begin(), row_l.end(), T(0));
-        for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+        for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
           const int64_t n = std::min(kBlockN, j_end - j0);
-          load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
-          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Sc.data(), kBlockN);
+          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), pk.kt_tile(b, hk, j0), kBlockN,
+                        Sc.data(), kBlockN);
           for (int64_t r = 0; r < m; ++r) {
             T* s = Sc.data() + r * kBlockN;
             const T m_new = std::max(row_m[r], row_max(s, n));
@@ -481,10 +595,10 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
           lse[r] = row_l[r] == T(0) ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
         }
       }
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+      for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
-        load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
-        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), Sc.data(), kBlockN);
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), pk.kt_tile(b, hk, j0), kBlockN,
+                      Sc.data(), kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           if (lse[r] == neg_inf<T>()) continue;
           T* s = Sc.data() + r * kBlockN;
@@ -498,6 +612,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
         }
       }
     }
+    matmul_release();
   });
 }
 
