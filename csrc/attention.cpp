@@ -20,7 +20,7 @@ BSHD bshd(const at::Tensor& t) {
 void check_bshd(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, "selfattn: ", name, " must be 4-D (B, S, H, D), got ", t.dim(),
               "-D");
-  TORCH_CHECK(t.size(3) == 0 || t.stride(3) == 1, "selfattn: ", name,
+  TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1, "selfattn: ", name,
               " must have a contiguous last dim (stride 1), got stride ", t.stride(3));
 }
 
@@ -112,6 +112,7 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.q = bshd(q);
   p.k = bshd(k);
   p.v = bshd(v);
+  p.device = q.is_cuda() ? q.get_device() : -1;
   TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
   p.scale = scale;
   TORCH_CHECK(window_left >= -1 && window_right >= -1,

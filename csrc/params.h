@@ -47,6 +47,7 @@ struct AttnParams {
   uint32_t dropout_threshold = 0;
   double dropout_scale = 1.0;
   const int64_t* rng_state = nullptr;  // (seed, offset), on the device of q
+  int device = -1;  // CUDA device index of the tensors, -1 on CPU
 };
 
 struct AttnBwdParams : AttnParams {

@@ -167,8 +167,18 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
     if attn_mask is not None and isinstance(attn_mask, torch.Tensor):
         if query.dim() == 3 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-        elif query.dim() > 4 and attn_mask.dim() > 4:
-            attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
+        elif query.dim() > 4 and attn_mask.dim() > 3:
+            # broadcast over the leading dims that q, k, v flatten into one batch dim
+            if attn_mask.dim() > query.dim():
+                raise ValueError(f"{fn}: attn_mask has more dims ({attn_mask.dim()}) than query "
+                                 f"({query.dim()})")
+            m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+            try:
+                m = m.expand(*lead, *m.shape[-3:])
+            except RuntimeError as e:
+                raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not "
+                                 f"broadcastable to query's leading dims {tuple(lead)}") from e
+            attn_mask = m.reshape(-1, *m.shape[-3:])
     kwargs = dict(causal=bool(is_causal), causal_alignment="top_left", scale=scale,
                   attn_mask=attn_mask, dropout_p=dropout_p)
 

@@ -546,24 +546,26 @@ class _AdditiveAttentionFn(torch.autograd.Function):
         B, Sq, _ = qw.shape
         Sk = ku.shape[1]
         acc = torch.float64 if qw.dtype == torch.float64 else torch.float32
-        m = qw.new_full((B, Sq), float("-inf"), dtype=acc)
-        l = qw.new_zeros((B, Sq), dtype=acc)
+        row_max = qw.new_full((B, Sq), float("-inf"), dtype=acc)
+        row_sum = qw.new_zeros((B, Sq), dtype=acc)
         o = qw.new_zeros((B, Sq, v.shape[-1]), dtype=acc)
         for j0 in range(0, Sk, chunk):
             j1 = min(j0 + chunk, Sk)
             _, s = _additive_scores(qw, ku, w, attn_mask, key_lengths, j0, j1, acc)
-            m_new = _finite_or_zero(torch.maximum(m, s.amax(-1)))
-            alpha = torch.exp(m - m_new)
-            p = torch.exp(s - m_new.unsqueeze(-1))
-            l = l * alpha + p.sum(-1)
+            row_max_new = torch.maximum(row_max, s.amax(-1))
+            ref = _finite_or_zero(row_max_new)  # rows that saw no key yet: any finite value
+            alpha = torch.exp(row_max - ref)
+            p = torch.exp(s - ref.unsqueeze(-1))
+            row_sum = row_sum * alpha + p.sum(-1)
             o = o * alpha.unsqueeze(-1) + p @ v[:, j0:j1].to(acc)
-            m = m_new
-        seen = l > 0
-        out = torch.where(seen.unsqueeze(-1), o / l.clamp(min=1e-30).unsqueeze(-1), 0.0)
-        lse = torch.where(seen, m + torch.log(l.clamp(min=1e-30)), float("-inf"))
+            row_max = row_max_new
+        seen = row_sum > 0
+        out = torch.where(seen.unsqueeze(-1), o / row_sum.clamp(min=1e-30).unsqueeze(-1), 0.0)
+        lse = torch.where(seen, row_max + torch.log(row_sum.clamp(min=1e-30)), float("-inf"))
         out = out.to(v.dtype)
         ctx.save_for_backward(qw, ku, v, w, attn_mask, key_lengths, out, lse)
         ctx.chunk = chunk
+        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod

@@ -97,6 +97,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
+    if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop second-order terms
+        raise RuntimeError("selfattn.attention: double backward (create_graph=True) is not supported")
     q, k, v, out, lse, attn_mask, key_lengths, rng_state = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
     if dout.stride(-1) != 1:

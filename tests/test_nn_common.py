@@ -1,13 +1,14 @@
 """Shared helpers of the selfattn.nn tests: run a module forward and backward
-with a fixed cotangent, and judge results the DESIGN.md section 5 way (error
-against float64 golden at most max(floor, 2 x the same-dtype reference's))."""
+with a fixed cotangent, and judge every result with selfattn.testing's
+DESIGN.md section 5 check (error against float64 golden at most
+max(floor, 2 x the same-dtype reference's))."""
 from __future__ import annotations
 
 import copy
 
 import torch
 
-FLOOR = {torch.float32: 1e-5, torch.float64: 1e-12}
+from selfattn.testing import assert_close_to_golden
 
 
 def clone_as(module: torch.nn.Module, cls=None, dtype=torch.float64) -> torch.nn.Module:
@@ -36,18 +37,11 @@ def forward_backward(fn, inputs, params=(), seed=0):
     return [o.detach() for o in outs] + [g for g in grads]
 
 
-def assert_golden(ours, ref, golden, dtype, names=None):
-    """Each of `ours` within max(floor, 2 x error of `ref`) of `golden`."""
+def assert_golden(ours, ref, golden, names=None):
+    """selfattn.testing.assert_close_to_golden on each of the lists' entries."""
     assert len(ours) == len(ref) == len(golden)
     for i, (o, r, g) in enumerate(zip(ours, ref, golden)):
         name = names[i] if names else f"result {i}"
-        if g is None:
-            assert o is None or not o.abs().any(), f"{name}: expected no gradient"
-            continue
-        assert o is not None, f"{name}: missing"
-        assert o.shape == g.shape, f"{name}: shape {tuple(o.shape)} != {tuple(g.shape)}"
-        assert not torch.isnan(o).any(), f"{name}: NaN"
-        err = (o.double() - g.double()).abs().max().item() if o.numel() else 0.0
-        ref_err = (r.double() - g.double()).abs().max().item() if r.numel() else 0.0
-        bound = max(FLOOR[dtype] * max(1.0, g.abs().max().item() if g.numel() else 1.0), 2 * ref_err)
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference {ref_err:.3g})"
+        assert (o is None) == (g is None), f"{name}: gradient presence differs"
+        if g is not None:
+            assert_close_to_golden(name, o, r, g)

@@ -38,7 +38,7 @@ def _compare(ours_module, dense_fn, inputs, dtype):
     run = lambda m, fn, dt: forward_backward(lambda *a: fn(m, *a), [t.to(dt) for t in inputs],  # noqa: E731
                                             list(m.parameters()))
     assert_golden(run(ours_m, lambda m, *a: m(*a), dtype), run(ref_m, dense_fn, dtype),
-                  run(golden_m, dense_fn, torch.float64), dtype)
+                  run(golden_m, dense_fn, torch.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -148,6 +148,7 @@ def test_additive_attention(chunk_size, dtype):
     q, k, v = _rand(2, 4, 6, seed=1), _rand(2, 10, 5, seed=2), _rand(2, 10, 3, seed=3)
     mask = torch.rand(1, 4, 10, generator=torch.Generator().manual_seed(4)) < 0.7
     mask[0, 0] = False  # query 0 sees no key: 0 output, 0 gradient
+    mask[0, 1, :3] = False  # query 1 sees nothing in its first chunk
     lengths = torch.tensor([10, 6])
 
     class Wrapped(torch.nn.Module):

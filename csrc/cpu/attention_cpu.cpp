@@ -37,7 +37,7 @@ namespace selfattn {
 namespace {
 
 constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr int64_t kBlockN = 128;  // keys per tile
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -262,15 +262,26 @@ void dropout_row(const AttnParams& p, int64_t bh, int64_t i, int64_t j0, int64_t
   }
 }
 
+// Max of s[0, n) (a NaN in s reaches the output through the exp that follows).
 template <typename T>
-T row_max(const T* s, int64_t n) {
-  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, s,
-                                n);
+__attribute__((flatten)) T row_max(const T* s, int64_t n) {
+  constexpr int64_t kVec = Vec<T>::size();
+  Vec<T> acc(neg_inf<T>());
+  int64_t c = 0;
+  for (; c + kVec <= n; c += kVec) {
+    acc = at::vec::clamp_min(Vec<T>::loadu(s + c), acc);  // max(acc, x), one instruction
+  }
+  T best = neg_inf<T>();
+  alignas(64) T lanes[kVec];
+  acc.store(lanes);
+  for (int64_t l = 0; l < kVec; ++l) best = std::max(best, lanes[l]);
+  for (; c < n; ++c) best = std::max(best, s[c]);
+  return best;
 }
 
 // s = exp(s - shift) in place; returns the sum.
 template <typename T>
-T exp_shift_sum(T* s, int64_t n, T shift) {
+__attribute__((flatten)) T exp_shift_sum(T* s, int64_t n, T shift) {
   constexpr int64_t kVec = Vec<T>::size();
   const Vec<T> vshift(shift);
   Vec<T> acc(T(0));
@@ -378,7 +389,7 @@ void forward_kernel(const AttnParams& p) {
             std::fill(s, s + n, T(0));
             continue;
           }
-          const T alpha = std::exp(row_m[r] - m_new);
+          const T alpha = m_new == row_m[r] ? T(1) : std::exp(row_m[r] - m_new);
           row_l[r] = row_l[r] * alpha + exp_shift_sum(s, n, m_new);
           row_m[r] = m_new;
           if (alpha != T(1)) {
