@@ -19,24 +19,8 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import reference
-from selfattn._measure import median_seconds, peak_bytes
+from selfattn._measure import Progress, median_seconds, peak_bytes
 from selfattn.testing import check_against_reference
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, width: int = 30):
-        self.total, self.done, self.width = total, 0, width
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label[:40]:<40}")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _checks(device):

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../attention.h"
@@ -300,52 +301,49 @@ __attribute__((flatten)) T exp_shift_sum(T* s, int64_t n, T shift) {
 }
 
 // ---------------------------------------------------------------------------
-// K and V in the accumulation type, packed once per call so that the tiles of
-// every query block share them: Kᵀ in blocks of kBlockN keys
-// (B, Hkv, n_blocks, D, kBlockN) and V dense (B, Hkv, Sk, Dv).
-
-template <typename T>
-struct PackedKV {
-  std::vector<T> kt, v;
-  int64_t n_blocks = 0, D = 0, Dv = 0, Sk = 0, Hkv = 0;
-
-  // Kᵀ tile (D x kBlockN, row stride kBlockN) of the key block starting at j0.
-  const T* kt_tile(int64_t b, int64_t hk, int64_t j0) const {
-    return kt.data() + ((b * Hkv + hk) * n_blocks + j0 / kBlockN) * D * kBlockN;
-  }
-  // V rows from j0 on (row stride Dv).
-  const T* v_rows(int64_t b, int64_t hk, int64_t j0) const {
-    return v.data() + ((b * Hkv + hk) * Sk + j0) * Dv;
-  }
-};
+// The keys and values of one (b, hkv) in the form the tile products read: Kᵀ
+// in the accumulation type in blocks of kBlockN keys (n_blocks, D, kBlockN),
+// and V rows (in place when the input dtype is the accumulation type, else
+// converted). Each thread keeps one panel and repacks it only when its tasks
+// move on to another (b, hkv), so the query blocks of a head share it and the
+// extra memory is O(threads · Sk · D).
 
 template <typename S, typename T>
-PackedKV<T> pack_kv(const AttnParams& p, bool with_v) {
-  PackedKV<T> pk;
-  pk.n_blocks = (p.Sk + kBlockN - 1) / kBlockN;
-  pk.D = p.D;
-  pk.Dv = p.Dv;
-  pk.Sk = p.Sk;
-  pk.Hkv = p.Hkv;
-  pk.kt.resize(p.B * p.Hkv * pk.n_blocks * p.D * kBlockN);
-  if (with_v) pk.v.resize(p.B * p.Hkv * p.Sk * p.Dv);
-  at::parallel_for(0, p.B * p.Hkv * pk.n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % pk.n_blocks;
-      const int64_t hk = (task / pk.n_blocks) % p.Hkv;
-      const int64_t b = task / (pk.n_blocks * p.Hkv);
-      const int64_t j0 = nb * kBlockN;
-      const int64_t n = std::min(kBlockN, p.Sk - j0);
-      const S* k = static_cast<const S*>(p.k.ptr) + b * p.k.batch + j0 * p.k.row + hk * p.k.head;
-      T* kt = pk.kt.data() + task * p.D * kBlockN;
-      for (int64_t jj = 0; jj < n; ++jj) {
-        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlockN + jj] = static_cast<T>(k[jj * p.k.row + d]);
-      }
-      if (with_v) load_tile<S>(p.v, b, j0, hk, n, p.Dv, pk.v.data() + ((b * p.Hkv + hk) * p.Sk + j0) * p.Dv);
+class KVPanel {
+ public:
+  KVPanel(const AttnParams& p, bool with_v) : p_(p) {
+    kt_.resize(((p.Sk + kBlockN - 1) / kBlockN) * p.D * kBlockN);
+    if (with_v && !std::is_same_v<S, T>) v_.resize(p.Sk * p.Dv);
+  }
+
+  void load(int64_t b, int64_t hk) {
+    if (b == b_ && hk == hk_) return;
+    b_ = b;
+    hk_ = hk;
+    const S* k = static_cast<const S*>(p_.k.ptr) + b * p_.k.batch + hk * p_.k.head;
+    for (int64_t j = 0; j < p_.Sk; ++j) {
+      T* kt = kt_.data() + (j / kBlockN) * p_.D * kBlockN + j % kBlockN;
+      const S* row = k + j * p_.k.row;
+      for (int64_t d = 0; d < p_.D; ++d) kt[d * kBlockN] = static_cast<T>(row[d]);
     }
-  });
-  return pk;
-}
+    if (!v_.empty()) load_tile<S>(p_.v, b, 0, hk, p_.Sk, p_.Dv, v_.data());
+  }
+
+  // Kᵀ tile (D x kBlockN, row stride kBlockN) of the key block starting at j0.
+  const T* kt_tile(int64_t j0) const { return kt_.data() + (j0 / kBlockN) * p_.D * kBlockN; }
+
+  // V rows from key j0 on, and their row stride.
+  const T* v_rows(int64_t j0) const {
+    if (!v_.empty()) return v_.data() + j0 * p_.Dv;
+    return static_cast<const T*>(p_.v.ptr) + b_ * p_.v.batch + j0 * p_.v.row + hk_ * p_.v.head;
+  }
+  int64_t v_stride() const { return v_.empty() ? p_.v.row : p_.Dv; }
+
+ private:
+  const AttnParams& p_;
+  int64_t b_ = -1, hk_ = -1;
+  std::vector<T> kt_, v_;
+};
 
 // First key of the kBlockN-aligned tile that holds key j.
 inline int64_t tile_start(int64_t j) { return j / kBlockN * kBlockN; }
@@ -361,8 +359,8 @@ void forward_kernel(const AttnParams& p) {
   const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  const PackedKV<T> pk = pack_kv<S, T>(p, true);
   at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    KVPanel<S, T> kv(p, true);
     std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), O(kBlockM * p.Dv), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
@@ -377,11 +375,14 @@ void forward_kernel(const AttnParams& p) {
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
-      if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
+      if (j_begin < j_end) {
+        load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
+        kv.load(b, hk);
+      }
       for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
-        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), pk.kt_tile(b, hk, j0), kBlockN,
-                      Sc.data(), kBlockN);
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN, Sc.data(),
+                      kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           T* s = Sc.data() + r * kBlockN;
           const T m_new = std::max(row_m[r], row_max(s, n));
@@ -401,7 +402,7 @@ void forward_kernel(const AttnParams& p) {
             at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
           }
         }
-        matmul(m, p.Dv, n, Sc.data(), kBlockN, pk.v_rows(b, hk, j0), p.Dv, O.data(), p.Dv, true);
+        matmul(m, p.Dv, n, Sc.data(), kBlockN, kv.v_rows(j0), kv.v_stride(), O.data(), p.Dv, true);
       }
       S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + h * p.out.head;
       T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
@@ -445,10 +446,22 @@ void backward_kernel(const AttnBwdParams& p) {
     }
   });
 
-  // Per-thread accumulators for dQ (B, Sq, Hq, D) and the mask gradient.
+  // Tasks: one per (b, hkv) when that gives every thread work, else one per
+  // (b, hkv, key block). dQ (B, Sq, Hq, D) is accumulated in the accumulation
+  // type: in the first case each task owns its heads' rows, so one buffer (dq
+  // itself when the input dtype is the accumulation type) serves; in the
+  // second, each thread sums into its own buffer and the buffers are added in
+  // thread order at the end. The mask gradient, which broadcast dims may share
+  // between heads, always goes through per-thread buffers. Deterministic for a
+  // given thread count.
   const int64_t threads = at::get_num_threads();
+  const int64_t n_blocks = (p.Sk + kBlockN - 1) / kBlockN;
+  const bool split_keys = p.B * p.Hkv < 2 * threads;
+  const int64_t blocks_per_task = split_keys ? 1 : n_blocks;
+  const int64_t tasks_per_head = n_blocks / blocks_per_task;
   const int64_t dq_size = p.B * p.Sq * p.Hq * p.D;
-  std::vector<T> dq_acc(threads * dq_size, T(0));
+  T* dq_direct = !split_keys && std::is_same_v<S, T> ? static_cast<T*>(p.dq.ptr) : nullptr;
+  std::vector<T> dq_acc(dq_direct ? 0 : (split_keys ? threads : 1) * dq_size, T(0));
   const bool want_dmask = p.dmask.ptr != nullptr;
   // dmask buffer extent: the largest offset reachable through its strides + 1.
   const int64_t dmask_size =
@@ -457,10 +470,9 @@ void backward_kernel(const AttnBwdParams& p) {
                  : 0;
   std::vector<T> dmask_acc(threads * dmask_size, T(0));
 
-  const int64_t n_blocks = (p.Sk + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, p.B * p.Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.Hkv * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    T* dq_t = dq_acc.data() + tid * dq_size;
+    T* dq_t = dq_direct ? dq_direct : dq_acc.data() + (split_keys ? tid : 0) * dq_size;
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
     std::vector<T> Kc(kBlockN * p.D), Kt(p.D * kBlockN), Vt(p.Dv * kBlockN);
     std::vector<T> dK(kBlockN * p.D), dV(kBlockN * p.Dv);
@@ -468,85 +480,90 @@ void backward_kernel(const AttnBwdParams& p) {
     std::vector<T> Pm(kBlockM * kBlockN), dP(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> Pt(kBlockN * kBlockM), dSt(kBlockN * kBlockM);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % n_blocks;
-      const int64_t hk = (task / n_blocks) % p.Hkv;
-      const int64_t b = task / (n_blocks * p.Hkv);
-      const int64_t j0 = nb * kBlockN;
-      const int64_t n = std::min(kBlockN, vis.kv_len(b) - j0);
-      if (n <= 0) continue;  // padding keys: dK, dV stay 0
-      const int64_t i_begin = vis.first_row(j0);
-      const int64_t i_end = vis.last_row(j0 + n);
-      if (i_begin >= i_end) continue;
-      load_tile<S>(p.k, b, j0, hk, n, p.D, Kc.data());
-      load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
-      load_tile_t<S>(p.v, b, j0, hk, n, p.Dv, Vt.data());
-      std::fill(dK.begin(), dK.end(), T(0));
-      std::fill(dV.begin(), dV.end(), T(0));
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
-        const T* dl = delta + (b * p.Hq + h) * p.Sq;
-        for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
-          const int64_t m = std::min(kBlockM, i_end - i0);
-          load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
-          load_tile<S>(p.dout, b, i0, h, m, p.Dv, dO.data());
-          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), n, Pm.data(), kBlockN);
-          matmul(m, n, p.Dv, dO.data(), p.Dv, Vt.data(), n, dP.data(), kBlockN, false);
-          for (int64_t r = 0; r < m; ++r) {
-            const int64_t i = i0 + r;
-            T* pr = Pm.data() + r * kBlockN;
-            T* dpr = dP.data() + r * kBlockN;
-            if (lse[i] == neg_inf<T>()) {  // row sees no key: P = 0, no gradient
-              std::fill(pr, pr + n, T(0));
-              std::fill(dpr, dpr + n, T(0));
-              continue;
+      const int64_t hk = (task / tasks_per_head) % p.Hkv;
+      const int64_t b = task / (tasks_per_head * p.Hkv);
+      const int64_t nb_begin = (task % tasks_per_head) * blocks_per_task;
+      for (int64_t nb = nb_begin; nb < nb_begin + blocks_per_task; ++nb) {
+        const int64_t j0 = nb * kBlockN;
+        const int64_t n = std::min(kBlockN, vis.kv_len(b) - j0);
+        if (n <= 0) continue;  // padding keys: dK, dV stay 0
+        const int64_t i_begin = vis.first_row(j0);
+        const int64_t i_end = vis.last_row(j0 + n);
+        if (i_begin >= i_end) continue;
+        load_tile<S>(p.k, b, j0, hk, n, p.D, Kc.data(), scale);
+        load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
+        load_tile_t<S>(p.v, b, j0, hk, n, p.Dv, Vt.data());
+        std::fill(dK.begin(), dK.end(), T(0));
+        std::fill(dV.begin(), dV.end(), T(0));
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
+          const T* dl = delta + (b * p.Hq + h) * p.Sq;
+          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
+            const int64_t m = std::min(kBlockM, i_end - i0);
+            load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
+            load_tile<S>(p.dout, b, i0, h, m, p.Dv, dO.data());
+            score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), n, Pm.data(), kBlockN);
+            matmul(m, n, p.Dv, dO.data(), p.Dv, Vt.data(), n, dP.data(), kBlockN, false);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = i0 + r;
+              T* pr = Pm.data() + r * kBlockN;
+              T* dpr = dP.data() + r * kBlockN;
+              if (lse[i] == neg_inf<T>()) {  // row sees no key: P = 0, no gradient
+                std::fill(pr, pr + n, T(0));
+                std::fill(dpr, dpr + n, T(0));
+                continue;
+              }
+              const T shift = lse[i];
+              at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, pr, pr, n);
+              if (dropout) {
+                dropout_row(p, b * p.Hq + h, i, j0, n, z.data());
+                at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, dpr, dpr, z.data(), n);
+              }
+              const T d = dl[i];
+              // dS = P ∘ (dP∘Z - delta), kept in dP; P∘Z (for dV) kept in Pm.
+              at::vec::map2([d](Vec<T> x, Vec<T> y) { return x * (y - Vec<T>(d)); }, dpr, pr, dpr,
+                            n);
+              if (dropout) {
+                at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, pr, pr, z.data(), n);
+              }
+              if (want_dmask) {
+                T* dm = dmask_t + b * p.dmask.batch + h * p.dmask.head + i * p.dmask.row +
+                        j0 * p.dmask.col;
+                for (int64_t c = 0; c < n; ++c) dm[c * p.dmask.col] += dpr[c];
+              }
             }
-            const T shift = lse[i];
-            at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, pr, pr, n);
-            if (dropout) {
-              dropout_row(p, b * p.Hq + h, i, j0, n, z.data());
-              at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, dpr, dpr, z.data(), n);
-            }
-            const T d = dl[i];
-            // dS = P ∘ (dP∘Z - delta), kept in dP; P∘Z (for dV) kept in Pm.
-            at::vec::map2([d](Vec<T> x, Vec<T> y) { return x * (y - Vec<T>(d)); }, dpr, pr, dpr,
-                          n);
-            if (dropout) {
-              at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, pr, pr, z.data(), n);
-            }
-            if (want_dmask) {
-              T* dm = dmask_t + b * p.dmask.batch + h * p.dmask.head + i * p.dmask.row +
-                      j0 * p.dmask.col;
-              for (int64_t c = 0; c < n; ++c) dm[c * p.dmask.col] += dpr[c];
-            }
+            // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQ += dS (scale K).
+            transpose(Pm.data(), m, n, kBlockN, Pt.data());
+            transpose(dP.data(), m, n, kBlockN, dSt.data());
+            matmul(n, p.Dv, m, Pt.data(), m, dO.data(), p.Dv, dV.data(), p.Dv, true);
+            matmul(n, p.D, m, dSt.data(), m, Q.data(), p.D, dK.data(), p.D, true);
+            matmul(m, p.D, n, dP.data(), kBlockN, Kc.data(), p.D,
+                   dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
           }
-          // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQ += dS K (scale applied at the end).
-          transpose(Pm.data(), m, n, kBlockN, Pt.data());
-          transpose(dP.data(), m, n, kBlockN, dSt.data());
-          matmul(n, p.Dv, m, Pt.data(), m, dO.data(), p.Dv, dV.data(), p.Dv, true);
-          matmul(n, p.D, m, dSt.data(), m, Q.data(), p.D, dK.data(), p.D, true);
-          matmul(m, p.D, n, dP.data(), kBlockN, Kc.data(), p.D,
-                 dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
         }
-      }
-      S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j0 * p.dk.row + hk * p.dk.head;
-      S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j0 * p.dv.row + hk * p.dv.head;
-      for (int64_t c = 0; c < n; ++c) {
-        from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, T(1));
-        from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
+        S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j0 * p.dk.row + hk * p.dk.head;
+        S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j0 * p.dv.row + hk * p.dv.head;
+        for (int64_t c = 0; c < n; ++c) {
+          from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, T(1));
+          from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
+        }
       }
     }
     matmul_release();
   });
 
-  // dq = scale * sum over threads; dq is contiguous (B, Sq, Hq, D).
-  S* dq = static_cast<S*>(p.dq.ptr);
-  at::parallel_for(0, dq_size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      T acc = 0;
-      for (int64_t t = 0; t < threads; ++t) acc += dq_acc[t * dq_size + idx];
-      dq[idx] = static_cast<S>(acc * scale);
-    }
-  });
+  // dq (contiguous (B, Sq, Hq, D)) = sum of the accumulators in thread order.
+  if (!dq_direct) {
+    S* dq = static_cast<S*>(p.dq.ptr);
+    const int64_t n_acc = static_cast<int64_t>(dq_acc.size()) / std::max<int64_t>(dq_size, 1);
+    at::parallel_for(0, dq_size, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        T acc = 0;
+        for (int64_t t = 0; t < n_acc; ++t) acc += dq_acc[t * dq_size + idx];
+        dq[idx] = static_cast<S>(acc);
+      }
+    });
+  }
   if (want_dmask) {
     T* dmask = static_cast<T*>(const_cast<void*>(p.dmask.ptr));
     for (int64_t t = 0; t < threads; ++t) {
@@ -566,8 +583,8 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
   const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  const PackedKV<T> pk = pack_kv<S, T>(p, false);
   at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    KVPanel<S, T> kv(p, false);
     std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
@@ -587,12 +604,13 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
         continue;
       }
       load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
+      kv.load(b, hk);
       if (compute_lse) {
         std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
         std::fill(row_l.begin(), row_l.end(), T(0));
         for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
           const int64_t n = std::min(kBlockN, j_end - j0);
-          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), pk.kt_tile(b, hk, j0), kBlockN,
+          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN,
                         Sc.data(), kBlockN);
           for (int64_t r = 0; r < m; ++r) {
             T* s = Sc.data() + r * kBlockN;
@@ -608,7 +626,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
       }
       for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
-        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), pk.kt_tile(b, hk, j0), kBlockN,
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN,
                       Sc.data(), kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           if (lse[r] == neg_inf<T>()) continue;

@@ -1,0 +1,316 @@
+"""Benchmark suite: selfattn against PyTorch on the same inputs, in one process.
+
+For each grid point (dtype, S with B·S fixed, D, causal, forward or
+forward+backward, plus a GQA, a sliding-window and a layer case) it times
+selfattn and its peers interleaved (selfattn._measure: torch.utils.benchmark,
+medians; on CUDA synchronised), reports median ms, GFLOP/s (DESIGN.md
+section 6: 4·B·Hq·D per visible (query, key) pair forward, 2.5x that
+backward) and peak memory, and the ratio selfattn / peer (< 1: selfattn is
+faster or smaller).
+
+Peers: `sdpa` (F.scaled_dot_product_attention, torch's default fused kernel),
+`math` (SDPA's math backend), `reference` (selfattn.reference), and for the
+layer case nn.MultiheadAttention. The math and reference peers hold an S x S
+matrix, so they are skipped above --max-dense-s.
+
+    python benchmarks/bench_attention.py                 # full CPU grid
+    python benchmarks/bench_attention.py --quick         # a few points
+    python benchmarks/bench_attention.py --device cuda
+    python benchmarks/bench_attention.py --plot          # also a PNG
+
+Writes <out>/<device>.json and <out>/<device>.md (default benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import selfattn
+from selfattn import nn as sa_nn
+from selfattn import reference
+from selfattn._measure import Progress, median_seconds, peak_bytes
+
+
+@dataclass
+class Point:
+    case: str  # attention | gqa | window | mha
+    dtype: str
+    mode: str  # fwd | fwd+bwd
+    B: int
+    S: int
+    Hq: int
+    Hkv: int
+    D: int
+    causal: bool
+    window: Optional[int] = None
+    gflop: float = 0.0
+    ms: Dict[str, float] = field(default_factory=dict)
+    peak_mib: Dict[str, Optional[float]] = field(default_factory=dict)
+
+    def label(self) -> str:
+        extra = " causal" if self.causal else ""
+        extra += f" window {self.window}" if self.window else ""
+        extra += f" GQA {self.Hq}/{self.Hkv}" if self.Hq != self.Hkv else ""
+        return f"{self.case} {self.dtype} S{self.S} D{self.D}{extra} {self.mode}"
+
+
+def visible_pairs(S: int, causal: bool, window: Optional[int]) -> int:
+    pairs = 0
+    for i in range(S):
+        lo = max(0, i - window) if window is not None else 0
+        hi = i + 1 if causal else S
+        pairs += hi - lo
+    return pairs
+
+
+def grid(args) -> List[Point]:
+    dtypes = ["float32", "bfloat16"]
+    points = []
+    seqs = [512, 1024, 2048, 4096, 8192] if not args.quick else [1024, 2048]
+    dims = [64, 128] if not args.quick else [64]
+    for dtype in dtypes:
+        for S in seqs:
+            for D in dims:
+                for causal in (False, True):
+                    for mode in ("fwd", "fwd+bwd"):
+                        points.append(Point("attention", dtype, mode, max(1, args.tokens // S), S,
+                                            args.heads, args.heads, D, causal))
+        for mode in ("fwd", "fwd+bwd"):
+            S = 2048
+            points.append(Point("gqa", dtype, mode, max(1, args.tokens // S), S, args.heads,
+                                max(1, args.heads // 4), 64, True))
+            S = 4096 if not args.quick else 2048
+            points.append(Point("window", dtype, mode, max(1, args.tokens // S), S, args.heads,
+                                args.heads, 64, True, window=256))
+    for mode in ("fwd", "fwd+bwd"):
+        S = 1024
+        points.append(Point("mha", "float32", mode, max(1, args.tokens // S), S, args.heads,
+                            args.heads, 64, False))
+    for p in points:
+        fwd = 4 * p.B * p.Hq * p.D * visible_pairs(p.S, p.causal, p.window) / 1e9
+        p.gflop = fwd * (3.5 if p.mode == "fwd+bwd" else 1.0)
+    return points
+
+
+def make_fns(p: Point, device: str, max_dense_s: int) -> Dict[str, Callable[[], torch.Tensor]]:
+    """Callables returning an output tensor, one per implementation."""
+    dtype = getattr(torch, p.dtype)
+    grad = p.mode == "fwd+bwd"
+    if p.case == "mha":
+        E = p.Hq * p.D
+        theirs = torch.nn.MultiheadAttention(E, p.Hq, batch_first=True, device=device, dtype=dtype)
+        ours = sa_nn.MultiheadAttention(E, p.Hq, batch_first=True, device=device, dtype=dtype)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(p.B, p.S, E, device=device, dtype=dtype, requires_grad=grad)
+        return {
+            "selfattn": lambda: ours(x, x, x, need_weights=False)[0],
+            "nn.MultiheadAttention": lambda: theirs(x, x, x, need_weights=False)[0],
+        }
+
+    def t(H, D):  # (B, H, S, D) for torch; selfattn reads the (B, S, H, D) view of a copy
+        return torch.randn(p.B, H, p.S, D, device=device, dtype=dtype, requires_grad=grad)
+
+    q, k, v = t(p.Hq, p.D), t(p.Hkv, p.D), t(p.Hkv, p.D)
+    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_(grad) for x in (q, k, v))
+    gqa = p.Hq != p.Hkv
+    mask = None
+    window = None
+    if p.window is not None:
+        window = (p.window, 0)
+        i = torch.arange(p.S, device=device)
+        mask = (i.view(-1, 1) - i.view(1, -1) <= p.window) & (i.view(1, -1) <= i.view(-1, 1))
+    causal_torch = p.causal and mask is None
+
+    def ours():
+        return selfattn.attention(qs, ks, vs, causal=p.causal, window=window)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_torch,
+                                              enable_gqa=gqa)
+
+    fns = {"selfattn": ours, "sdpa": sdpa}
+    if p.S <= max_dense_s:
+        def math_path():
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                      is_causal=causal_torch, enable_gqa=gqa)
+
+        def ref():
+            return reference.attention(qs, ks, vs, causal=p.causal, window=window)
+        fns["math"] = math_path
+        fns["reference"] = ref
+    return fns
+
+
+def run_point(p: Point, device: str, args) -> None:
+    fns = make_fns(p, device, args.max_dense_s)
+    if p.mode == "fwd+bwd":
+        def with_backward(fn):
+            def run():
+                out = fn()
+                out.backward(torch.ones_like(out))
+            return run
+        fns = {name: with_backward(fn) for name, fn in fns.items()}
+        times = median_seconds(fns, rounds=args.rounds, min_run_time=args.min_run_time)
+        peaks = {name: peak_bytes(fn, device) for name, fn in fns.items()}
+    else:
+        with torch.no_grad():
+            times = median_seconds(fns, rounds=args.rounds, min_run_time=args.min_run_time)
+            peaks = {name: peak_bytes(fn, device) for name, fn in fns.items()}
+    p.ms = {name: s * 1e3 for name, s in times.items()}
+    p.peak_mib = {name: (b / 2**20 if b is not None else None) for name, b in peaks.items()}
+
+
+def machine_info(device: str) -> Dict[str, str]:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "selfattn": selfattn.__version__,
+        "threads": str(torch.get_num_threads()),
+        "cpu_kernels": selfattn.ops.CPU_KERNELS,
+        "python": platform.python_version(),
+    }
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        info["commit"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        info["commit"] = "unknown"
+    if device.startswith("cuda"):
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        model, flags = platform.processor(), ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                    if line.startswith("flags"):
+                        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile",
+                                  "amx_bf16")
+                        flags = " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
+                        break
+        except OSError:
+            pass
+        info["device"] = f"{model} ({os.cpu_count()} cores; {flags})"
+    return info
+
+
+def geomean(xs: List[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def markdown(points: List[Point], info: Dict[str, str]) -> str:
+    lines = [f"# selfattn benchmark: {info['device']}", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items() if k != "device"]
+    lines += ["", "Times are medians (ms); ratio = selfattn / peer (< 1: selfattn faster or "
+              "smaller). GFLOP/s per DESIGN.md section 6. Peak = memory held at the worst "
+              "moment of one call beyond what was held before it.", ""]
+    lines.append("| case | B | selfattn ms | GFLOP/s | sdpa ms | vs sdpa | math ms | vs math "
+                 "| selfattn MiB | sdpa MiB | mem vs sdpa |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in points:
+        ours = p.ms["selfattn"]
+        peer = "sdpa" if "sdpa" in p.ms else "nn.MultiheadAttention"
+        math_ms = p.ms.get("math")
+        pm, tm = p.peak_mib.get("selfattn"), p.peak_mib.get(peer)
+        mem_ratio = f"{pm / tm:.2f}" if pm is not None and tm else "n/a"
+        lines.append(
+            f"| {p.label()}{' (vs nn.MHA)' if peer != 'sdpa' else ''} | {p.B} | {ours:.2f} | "
+            f"{p.gflop / (ours / 1e3):.1f} | {p.ms[peer]:.2f} | {ours / p.ms[peer]:.2f} | "
+            f"{f'{math_ms:.2f}' if math_ms else '-'} | "
+            f"{f'{ours / math_ms:.2f}' if math_ms else '-'} | "
+            f"{f'{pm:.1f}' if pm is not None else 'n/a'} | {f'{tm:.1f}' if tm is not None else 'n/a'} "
+            f"| {mem_ratio} |")
+    lines += ["", "Geometric mean of selfattn / sdpa time:", ""]
+    for dtype in sorted({p.dtype for p in points}):
+        for mode in ("fwd", "fwd+bwd"):
+            rs = [p.ms["selfattn"] / p.ms["sdpa"] for p in points
+                  if p.dtype == dtype and p.mode == mode and "sdpa" in p.ms]
+            if rs:
+                lines.append(f"- {dtype} {mode}: {geomean(rs):.2f} over {len(rs)} points "
+                             f"(worst {max(rs):.2f})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: List[Point], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for dtype in sorted({p.dtype for p in points}):
+        for mode in ("fwd", "fwd+bwd"):
+            for causal in (False, True):
+                sel = [p for p in points if p.case == "attention" and p.dtype == dtype
+                       and p.mode == mode and p.causal == causal and p.D == 64]
+                if not sel:
+                    continue
+                label = f"{dtype} {mode}{' causal' if causal else ''}"
+                ax_t.plot([p.S for p in sel], [p.ms["selfattn"] / p.ms["sdpa"] for p in sel],
+                          marker="o", label=label)
+                mem = [(p.S, p.peak_mib["selfattn"] / p.peak_mib["sdpa"]) for p in sel
+                       if p.peak_mib.get("selfattn") and p.peak_mib.get("sdpa")]
+                if mem:
+                    ax_m.plot(*zip(*mem), marker="o", label=label)
+    for ax, title in ((ax_t, "time selfattn / sdpa (D=64)"), (ax_m, "peak memory selfattn / sdpa")):
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length S (B·S fixed)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a few points only")
+    parser.add_argument("--tokens", type=int, default=8192, help="B·S, fixed across the grid")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--max-dense-s", type=int, default=2048,
+                        help="largest S for the peers that hold an S x S matrix")
+    parser.add_argument("--only", default=None, help="run points whose label contains this")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--plot", action="store_true", help="also write <out>/<device>.png")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    points = [p for p in grid(args) if args.only is None or args.only in p.label()]
+    progress = Progress(len(points))
+    for p in points:
+        run_point(p, device, args)
+        progress.step(p.label())
+    info = machine_info(device)
+    name = "cpu" if device == "cpu" else "cuda"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump({"info": info, "points": [asdict(p) for p in points]}, f, indent=1)
+    table = markdown(points, info)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(table)
+    if args.plot:
+        plot(points, os.path.join(args.out, f"{name}.png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
