@@ -1,0 +1,190 @@
+// CUDA backend of the selfattn ops: registers the three entry points for the
+// CUDA dispatch key and, per call, picks the kernel family and launches it on
+// torch's current stream under a device guard:
+//  - flash kernels (tensor cores) for float16/bfloat16 on sm80+ when both head
+//    dims are multiples of 8 and at most 256 (padded to the bucket 64, 128 or
+//    256), every (B, S, H, D) row is 16-byte aligned, the grid fits and the
+//    tiles fit the device's shared memory;
+//  - otherwise the simple fallback kernels (fallback.cu), which take every
+//    dtype and shape;
+//  - probabilities always through the simple probs kernel.
+// The backward's dQ uses fp32 atomics, or a second kernel without atomics
+// when torch.use_deterministic_algorithms(True) is on.
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../attention.h"
+#include "kernels.h"
+
+namespace selfattn {
+namespace cuda {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: break;
+  }
+  TORCH_CHECK(false, "selfattn: unsupported dtype ", t);
+}
+
+// Attribute of the current device (cheap: the driver caches them; ATen's
+// getDeviceProperties would pull in headers of cuBLAS and cuSPARSE).
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+// A window side at least Sq + Sk wide bounds nothing: make it unbounded so
+// that the kernels' index arithmetic cannot overflow.
+AttnParams normalized(const AttnParams& p) {
+  AttnParams n = p;
+  TORCH_CHECK(n.device >= 0, "selfattn: CUDA kernel called without a CUDA device index");
+  if (n.window_left > n.Sq + n.Sk) n.window_left = -1;
+  if (n.window_right > n.Sq + n.Sk) n.window_right = -1;
+  return n;
+}
+
+// 16-byte aligned rows of a (B, S, H, 16-bit D) tensor; strides of size-1 dims are never used.
+bool aligned16(const BSHD& t, int64_t B, int64_t S, int64_t H) {
+  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && (B == 1 || t.batch % 8 == 0) &&
+         (S == 1 || t.row % 8 == 0) && (H == 1 || t.head % 8 == 0);
+}
+
+// Head-dim bucket of the flash kernels for q/k/v/out, or 0 when they do not apply.
+int flash_bucket(const AttnParams& p, at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, p.device) < 8) return 0;
+  if (p.D % 8 != 0 || p.Dv % 8 != 0) return 0;
+  const int64_t d = std::max(p.D, p.Dv);
+  if (d > 256) return 0;
+  if (p.B > 65535 || p.Hq > 65535) return 0;  // grid dims y and z
+  if (!aligned16(p.q, p.B, p.Sq, p.Hq) || !aligned16(p.k, p.B, p.Sk, p.Hkv) ||
+      !aligned16(p.v, p.B, p.Sk, p.Hkv)) {
+    return 0;
+  }
+  return d <= 64 ? 64 : d <= 128 ? 128 : 256;
+}
+
+bool smem_fits(const AttnParams& p, size_t bytes) {
+  return bytes <= size_t(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device));
+}
+
+size_t fwd_smem(int bucket) {
+  return bucket == 64 ? fwd_smem_bytes<64>() : bucket == 128 ? fwd_smem_bytes<128>()
+                                                              : fwd_smem_bytes<256>();
+}
+size_t bwd_smem(int bucket, bool deterministic) {
+  const size_t dkv = bucket == 64 ? bwd_smem_bytes<64>() : bucket == 128 ? bwd_smem_bytes<128>()
+                                                                          : bwd_smem_bytes<256>();
+  const size_t dq = bucket == 64 ? dq_smem_bytes<64>() : bucket == 128 ? dq_smem_bytes<128>()
+                                                                        : dq_smem_bytes<256>();
+  return deterministic ? std::max(dkv, dq) : dkv;
+}
+
+template <typename T> void flash_fwd(const AttnParams& p, int bucket, cudaStream_t stream) {
+  switch (bucket) {
+    case 64: run_flash_fwd<T, 64>(p, stream); break;
+    case 128: run_flash_fwd<T, 128>(p, stream); break;
+    default: run_flash_fwd<T, 256>(p, stream); break;
+  }
+}
+
+template <typename T>
+void flash_bwd(const AttnBwdParams& p, int bucket, float* dq_accum, cudaStream_t stream) {
+  switch (bucket) {
+    case 64: run_flash_bwd<T, 64>(p, dq_accum, stream); break;
+    case 128: run_flash_bwd<T, 128>(p, dq_accum, stream); break;
+    default: run_flash_bwd<T, 256>(p, dq_accum, stream); break;
+  }
+}
+
+// Does the attn_mask gradient sum over a broadcast dim (so atomics add in a
+// run-dependent order)?
+bool dmask_sums(const AttnBwdParams& p) {
+  const MaskView& m = p.dmask;
+  return (m.batch == 0 && p.B > 1) || (m.head == 0 && p.Hq > 1) || (m.row == 0 && p.Sq > 1) ||
+         (m.col == 0 && p.Sk > 1);
+}
+
+// ---- entry points
+
+void forward(const AttnParams& p0, at::ScalarType dtype) {
+  const AttnParams p = normalized(p0);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int bucket = flash_bucket(p, dtype);
+  if (bucket != 0 && !(aligned16(p.out, p.B, p.Sq, p.Hq) && smem_fits(p, fwd_smem(bucket)))) {
+    bucket = 0;
+  }
+  if (bucket == 0) {
+    run_fallback_fwd(p, to_dtype(dtype), stream);
+  } else if (dtype == at::kHalf) {
+    flash_fwd<__half>(p, bucket, stream);
+  } else {
+    flash_fwd<__nv_bfloat16>(p, bucket, stream);
+  }
+}
+
+void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
+  AttnBwdParams p = p0;
+  static_cast<AttnParams&>(p) = normalized(p0);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  if (p.dmask.ptr != nullptr && dmask_sums(p)) {
+    at::globalContext().alertNotDeterministic(
+        "selfattn attention_backward (gradient of a broadcast attn_mask on CUDA)");
+  }
+  run_bwd_delta(p, to_dtype(dtype), stream);
+
+  int bucket = flash_bucket(p, dtype);
+  if (bucket != 0 &&
+      !(aligned16(p.out, p.B, p.Sq, p.Hq) && aligned16(p.dout, p.B, p.Sq, p.Hq) &&
+        aligned16(p.dq, p.B, p.Sq, p.Hq) && aligned16(p.dk, p.B, p.Sk, p.Hkv) &&
+        aligned16(p.dv, p.B, p.Sk, p.Hkv) && smem_fits(p, bwd_smem(bucket, deterministic)))) {
+    bucket = 0;
+  }
+  if (bucket == 0) {
+    run_fallback_bwd(p, to_dtype(dtype), stream);
+    return;
+  }
+  at::Tensor dq_accum;  // float32 (B, Sq, Hq, D), zeroed: the atomic dQ path
+  if (!deterministic) {
+    dq_accum = at::zeros({p.B, p.Sq, p.Hq, p.D},
+                         at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, p.device));
+  }
+  float* acc = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  if (dtype == at::kHalf) {
+    flash_bwd<__half>(p, bucket, acc, stream);
+  } else {
+    flash_bwd<__nv_bfloat16>(p, bucket, acc, stream);
+  }
+}
+
+void probs(const AttnParams& p0, void* out, bool compute_lse, at::ScalarType dtype) {
+  const AttnParams p = normalized(p0);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (compute_lse) {
+    AttnParams lse_only = p;
+    lse_only.out.ptr = nullptr;  // the fallback forward then writes lse only
+    run_fallback_fwd(lse_only, to_dtype(dtype), stream);
+  }
+  run_probs(p, out, to_dtype(dtype), stream);
+}
+
+const Backend kCudaBackend{forward, backward, probs};
+
+}  // namespace
+}  // namespace cuda
+}  // namespace selfattn
+
+TORCH_LIBRARY_IMPL(selfattn, CUDA, m) { SELFATTN_REGISTER_BACKEND(m, ::selfattn::cuda::kCudaBackend); }

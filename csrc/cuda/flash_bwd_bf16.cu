@@ -1,0 +1,13 @@
+// Instantiations of the flash backward (flash_bwd.cuh) for bfloat16,
+// head-dim buckets 64, 128 and 256: one file per dtype so the builds run in parallel.
+#include "flash_bwd.cuh"
+
+namespace selfattn {
+namespace cuda {
+
+template void run_flash_bwd<__nv_bfloat16, 64>(const AttnBwdParams&, float*, cudaStream_t);
+template void run_flash_bwd<__nv_bfloat16, 128>(const AttnBwdParams&, float*, cudaStream_t);
+template void run_flash_bwd<__nv_bfloat16, 256>(const AttnBwdParams&, float*, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace selfattn
