@@ -4,7 +4,7 @@
 // visible key tiles (kBlockN keys), computes S = scale * Q Kᵀ (+ mask), keeps
 // the running row max and sum (online softmax) and accumulates O += P V.
 // Backward: preprocessing delta = rowsum(dO ∘ O); then one task per
-// (b, hkv, block of kBlockN keys) that visits every query head of the group and
+// (b, hkv, block of kBwdBlockN keys) that visits every query head of the group and
 // every query block that sees those keys, recomputes P = exp(S - lse) and
 // accumulates dK, dV in the task and dQ in a per-thread float buffer that is
 // summed at the end (deterministic for a given thread count). Probs: one task
@@ -37,8 +37,11 @@
 namespace selfattn {
 namespace {
 
-constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 128;  // keys per tile
+// Tile sizes (query rows x keys) of the forward and probs kernels, and of the backward.
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 256;
+constexpr int64_t kBwdBlockM = 64;
+constexpr int64_t kBwdBlockN = 64;
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -455,7 +458,7 @@ void backward_kernel(const AttnBwdParams& p) {
   // between heads, always goes through per-thread buffers. Deterministic for a
   // given thread count.
   const int64_t threads = at::get_num_threads();
-  const int64_t n_blocks = (p.Sk + kBlockN - 1) / kBlockN;
+  const int64_t n_blocks = (p.Sk + kBwdBlockN - 1) / kBwdBlockN;
   const bool split_keys = p.B * p.Hkv < 2 * threads;
   const int64_t blocks_per_task = split_keys ? 1 : n_blocks;
   const int64_t tasks_per_head = n_blocks / blocks_per_task;
@@ -474,18 +477,18 @@ void backward_kernel(const AttnBwdParams& p) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
     T* dq_t = dq_direct ? dq_direct : dq_acc.data() + (split_keys ? tid : 0) * dq_size;
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
-    std::vector<T> Kc(kBlockN * p.D), Kt(p.D * kBlockN), Vt(p.Dv * kBlockN);
-    std::vector<T> dK(kBlockN * p.D), dV(kBlockN * p.Dv);
-    std::vector<T> Q(kBlockM * p.D), dO(kBlockM * p.Dv);
-    std::vector<T> Pm(kBlockM * kBlockN), dP(kBlockM * kBlockN), z(kBlockN);
-    std::vector<T> Pt(kBlockN * kBlockM), dSt(kBlockN * kBlockM);
+    std::vector<T> Kc(kBwdBlockN * p.D), Kt(p.D * kBwdBlockN), Vt(p.Dv * kBwdBlockN);
+    std::vector<T> dK(kBwdBlockN * p.D), dV(kBwdBlockN * p.Dv);
+    std::vector<T> Q(kBwdBlockM * p.D), dO(kBwdBlockM * p.Dv);
+    std::vector<T> Pm(kBwdBlockM * kBwdBlockN), dP(kBwdBlockM * kBwdBlockN), z(kBwdBlockN);
+    std::vector<T> Pt(kBwdBlockN * kBwdBlockM), dSt(kBwdBlockN * kBwdBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = (task / tasks_per_head) % p.Hkv;
       const int64_t b = task / (tasks_per_head * p.Hkv);
       const int64_t nb_begin = (task % tasks_per_head) * blocks_per_task;
       for (int64_t nb = nb_begin; nb < nb_begin + blocks_per_task; ++nb) {
-        const int64_t j0 = nb * kBlockN;
-        const int64_t n = std::min(kBlockN, vis.kv_len(b) - j0);
+        const int64_t j0 = nb * kBwdBlockN;
+        const int64_t n = std::min(kBwdBlockN, vis.kv_len(b) - j0);
         if (n <= 0) continue;  // padding keys: dK, dV stay 0
         const int64_t i_begin = vis.first_row(j0);
         const int64_t i_end = vis.last_row(j0 + n);
@@ -498,16 +501,16 @@ void backward_kernel(const AttnBwdParams& p) {
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
           const T* dl = delta + (b * p.Hq + h) * p.Sq;
-          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
-            const int64_t m = std::min(kBlockM, i_end - i0);
+          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockM) {
+            const int64_t m = std::min(kBwdBlockM, i_end - i0);
             load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
             load_tile<S>(p.dout, b, i0, h, m, p.Dv, dO.data());
-            score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), n, Pm.data(), kBlockN);
-            matmul(m, n, p.Dv, dO.data(), p.Dv, Vt.data(), n, dP.data(), kBlockN, false);
+            score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), n, Pm.data(), kBwdBlockN);
+            matmul(m, n, p.Dv, dO.data(), p.Dv, Vt.data(), n, dP.data(), kBwdBlockN, false);
             for (int64_t r = 0; r < m; ++r) {
               const int64_t i = i0 + r;
-              T* pr = Pm.data() + r * kBlockN;
-              T* dpr = dP.data() + r * kBlockN;
+              T* pr = Pm.data() + r * kBwdBlockN;
+              T* dpr = dP.data() + r * kBwdBlockN;
               if (lse[i] == neg_inf<T>()) {  // row sees no key: P = 0, no gradient
                 std::fill(pr, pr + n, T(0));
                 std::fill(dpr, dpr + n, T(0));
@@ -533,11 +536,11 @@ void backward_kernel(const AttnBwdParams& p) {
               }
             }
             // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQ += dS (scale K).
-            transpose(Pm.data(), m, n, kBlockN, Pt.data());
-            transpose(dP.data(), m, n, kBlockN, dSt.data());
+            transpose(Pm.data(), m, n, kBwdBlockN, Pt.data());
+            transpose(dP.data(), m, n, kBwdBlockN, dSt.data());
             matmul(n, p.Dv, m, Pt.data(), m, dO.data(), p.Dv, dV.data(), p.Dv, true);
             matmul(n, p.D, m, dSt.data(), m, Q.data(), p.D, dK.data(), p.D, true);
-            matmul(m, p.D, n, dP.data(), kBlockN, Kc.data(), p.D,
+            matmul(m, p.D, n, dP.data(), kBwdBlockN, Kc.data(), p.D,
                    dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
           }
         }
