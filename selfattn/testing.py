@@ -37,10 +37,14 @@ def rand(*shape, dtype=torch.float32, device="cpu", requires_grad=False, generat
     return t.requires_grad_(requires_grad)
 
 
-def check_against_reference(fused_fn, ref_fn, inputs, grad_inputs=None, name="attention"):
+def check_against_reference(fused_fn, ref_fn, inputs, grad_inputs=None, name="attention", *,
+                            before_fused=None):
     """Runs fused_fn(*inputs) and ref_fn in the inputs' dtype and in float64,
     compares outputs and the gradients w.r.t. the tensors at grad_inputs
-    (indices into inputs; default: every floating tensor that requires grad)."""
+    (indices into inputs; default: every floating tensor that requires grad).
+    before_fused, when given, is called right before the fused forward and
+    right before the fused backward (e.g. to fill the caching allocator with
+    NaN, so that an output element the kernels never wrote shows up)."""
     if grad_inputs is None:
         grad_inputs = [i for i, t in enumerate(inputs)
                        if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -51,13 +55,17 @@ def check_against_reference(fused_fn, ref_fn, inputs, grad_inputs=None, name="at
         out = fn(*xs)
         return out, xs
 
+    if before_fused is not None:
+        before_fused()
     out, xs = run(fused_fn, None)
     ref_lp, xs_lp = run(ref_fn, None)
     gold, xs_64 = run(ref_fn, torch.float64)
     assert_close_to_golden(f"{name} output", out, ref_lp, gold)
     if not grad_inputs:
         return
-    dout = torch.randn(out.shape, dtype=torch.float32).to(out.dtype)
+    dout = torch.randn(out.shape, dtype=torch.float32).to(device=out.device, dtype=out.dtype)
+    if before_fused is not None:
+        before_fused()
     grads = torch.autograd.grad(out, [xs[i] for i in grad_inputs], dout)
     grads_lp = torch.autograd.grad(ref_lp, [xs_lp[i] for i in grad_inputs], dout)
     grads_64 = torch.autograd.grad(gold, [xs_64[i] for i in grad_inputs], dout.double())

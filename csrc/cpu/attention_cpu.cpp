@@ -324,10 +324,16 @@ class KVPanel {
     b_ = b;
     hk_ = hk;
     const S* k = static_cast<const S*>(p_.k.ptr) + b * p_.k.batch + hk * p_.k.head;
-    for (int64_t j = 0; j < p_.Sk; ++j) {
-      T* kt = kt_.data() + (j / kBlockN) * p_.D * kBlockN + j % kBlockN;
-      const S* row = k + j * p_.k.row;
-      for (int64_t d = 0; d < p_.D; ++d) kt[d * kBlockN] = static_cast<T>(row[d]);
+    constexpr int64_t kChunk = 16;  // keys transposed together: contiguous writes
+    static_assert(kBlockN % kChunk == 0, "a chunk must not straddle key blocks");
+    for (int64_t j0 = 0; j0 < p_.Sk; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, p_.Sk - j0);
+      T* kt = kt_.data() + (j0 / kBlockN) * p_.D * kBlockN + j0 % kBlockN;
+      for (int64_t d = 0; d < p_.D; ++d) {
+        for (int64_t jj = 0; jj < n; ++jj) {
+          kt[d * kBlockN + jj] = static_cast<T>(k[(j0 + jj) * p_.k.row + d]);
+        }
+      }
     }
     if (!v_.empty()) load_tile<S>(p_.v, b, 0, hk, p_.Sk, p_.Dv, v_.data());
   }
