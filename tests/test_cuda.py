@@ -22,7 +22,7 @@ import torch
 import selfattn
 from selfattn import ops, reference
 
-from helpers import assert_close_to_golden
+from helpers import check_against_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -53,29 +53,9 @@ def randn(*shape, dtype=F32, requires_grad=False):
 
 
 def check(fused_fn, ref_fn, inputs, name="attention"):
-    """Runs fused_fn(*inputs) (after poisoning the allocator) and ref_fn in the
-    inputs' dtype and in float64; compares the output and the gradients of
-    every floating input that requires grad."""
-    grad_idx = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def prepare(cast):
-        return [t.detach().to(cast).requires_grad_(t.requires_grad)
-                if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
-
-    xs, xs_lp, xs_64 = prepare(None), prepare(None), prepare(F64)
-    poison_allocator()
-    out = fused_fn(*xs)
-    ref_lp, gold = ref_fn(*xs_lp), ref_fn(*xs_64)
-    assert_close_to_golden(f"{name} output", out, ref_lp, gold)
-    if not grad_idx:
-        return
-    dout = torch.randn(out.shape, device=DEV).to(out.dtype)
-    poison_allocator()
-    grads = torch.autograd.grad(out, [xs[i] for i in grad_idx], dout)
-    grads_lp = torch.autograd.grad(ref_lp, [xs_lp[i] for i in grad_idx], dout)
-    grads_64 = torch.autograd.grad(gold, [xs_64[i] for i in grad_idx], dout.double())
-    for i, g, g_lp, g_64 in zip(grad_idx, grads, grads_lp, grads_64):
-        assert_close_to_golden(f"{name} grad of input {i}", g, g_lp, g_64)
+    """selfattn.testing.check_against_reference with the allocator poisoned
+    before the fused forward and before the fused backward."""
+    check_against_reference(fused_fn, ref_fn, inputs, name=name, before_fused=poison_allocator)
 
 
 def case(B=1, Sq=63, Sk=None, Hq=2, Hkv=None, D=64, Dv=None, dtype=BF16, causal=False,

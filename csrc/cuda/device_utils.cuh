@@ -358,6 +358,10 @@ struct ScoreCtx {
 // Raw q.k products -> log2-domain scores s * scale * log2(e) (+ a float mask
 // times log2(e)); invisible or bool-masked elements, and query rows >= Sq,
 // become -inf. `full` (the whole tile visible and no attn_mask) skips the checks.
+// The product is rounded on its own (__fmul_rn cannot be contracted): otherwise
+// nvcc fuses it with the later `x - max` / `x - lse` into one fma, whose result
+// for the max element is the product's rounding error instead of 0, which for
+// huge scores overflows exp2 to inf and gives NaN (CUDA_FACTS 10.2, FA2 UNFUSE_FMA).
 template <typename T, bool kRowsAreQueries, int kNT>
 __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], const ScoreCtx& c, int64_t r0,
                                                int64_t c0, bool full, int lane) {
@@ -366,7 +370,7 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], const ScoreCt
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = s[nt][e] * c.scale_log2;
+      float x = __fmul_rn(s[nt][e], c.scale_log2);
       if (!full) {
         const int64_t row = r0 + g + 8 * (e >> 1), col = c0 + nt * 8 + 2 * t + (e & 1);
         const int64_t i = kRowsAreQueries ? row : col, j = kRowsAreQueries ? col : row;
