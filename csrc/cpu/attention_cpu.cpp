@@ -144,11 +144,17 @@ inline void matmul_release() {
   if (brgemm_available()) at::native::cpublas::brgemm_release(false);
 }
 
-// dst (cols x rows, dense) = src (rows x cols, row stride lds) transposed.
+// dst (cols x rows, dense) = src (rows x cols, row stride lds) transposed, in
+// 16 x 16 blocks (at::vec's register transpose where it has one).
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * lds + c];
+  constexpr int64_t kTile = 16;
+  for (int64_t r = 0; r < rows; r += kTile) {
+    for (int64_t c = 0; c < cols; c += kTile) {
+      at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * rows + r, rows,
+                                static_cast<int>(std::min(kTile, rows - r)),
+                                static_cast<int>(std::min(kTile, cols - c)));
+    }
   }
 }
 
