@@ -181,17 +181,6 @@ void load_tile(const BSHD& t, int64_t b, int64_t s0, int64_t h, int64_t rows, in
   }
 }
 
-// The same tile transposed: dst (cols x rows), row stride `rows`.
-template <typename S, typename T>
-void load_tile_t(const BSHD& t, int64_t b, int64_t s0, int64_t h, int64_t rows, int64_t cols,
-                 T* dst) {
-  const S* base = static_cast<const S*>(t.ptr) + b * t.batch + s0 * t.row + h * t.head;
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* src = base + r * t.row;
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<T>(src[c]);
-  }
-}
-
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -255,6 +244,36 @@ void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h
     const int64_t hi = std::clamp<int64_t>(vis.hi(b, i) - j0, lo, n);
     std::fill(s, s + lo, neg_inf<T>());
     std::fill(s + hi, s + n, neg_inf<T>());
+  }
+}
+
+// The transposed tile: St (n x m, row stride lds) = K Qsᵀ + maskᵀ, -inf where
+// key j0 + c is not visible to query i0 + r. Kc is K (n x D, dense), Qt is
+// (scale Q)ᵀ (D x m, row stride ldq).
+template <typename S, typename T>
+void score_tile_t(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
+                  int64_t m, int64_t j0, int64_t n, const T* Kc, const T* Qt, int64_t ldq, T* St,
+                  int64_t lds) {
+  matmul(n, m, p.D, Kc, p.D, Qt, ldq, St, lds, false);
+  const MaskView& mk = p.mask;
+  for (int64_t c = 0; c < n; ++c) {
+    T* s = St + c * lds;
+    const int64_t j = j0 + c;
+    if (mk.kind == MaskKind::Float) {
+      const S* mcol = static_cast<const S*>(mk.ptr) + b * mk.batch + h * mk.head + i0 * mk.row +
+                      j * mk.col;
+      for (int64_t r = 0; r < m; ++r) s[r] += static_cast<T>(mcol[r * mk.row]);
+    } else if (mk.kind == MaskKind::Bool) {
+      const bool* mcol = static_cast<const bool*>(mk.ptr) + b * mk.batch + h * mk.head +
+                         i0 * mk.row + j * mk.col;
+      for (int64_t r = 0; r < m; ++r) {
+        if (!mcol[r * mk.row]) s[r] = neg_inf<T>();
+      }
+    }
+    const int64_t lo = std::clamp<int64_t>(vis.first_row(j) - i0, 0, m);
+    const int64_t hi = std::clamp<int64_t>(vis.last_row(j + 1) - i0, lo, m);
+    std::fill(s, s + lo, neg_inf<T>());
+    std::fill(s + hi, s + m, neg_inf<T>());
   }
 }
 
@@ -462,21 +481,23 @@ void backward_kernel(const AttnBwdParams& p) {
   });
 
   // Tasks: one per (b, hkv) when that gives every thread work, else one per
-  // (b, hkv, key block). dQ (B, Sq, Hq, D) is accumulated in the accumulation
-  // type: in the first case each task owns its heads' rows, so one buffer (dq
-  // itself when the input dtype is the accumulation type) serves; in the
-  // second, each thread sums into its own buffer and the buffers are added in
-  // thread order at the end. The mask gradient, which broadcast dims may share
-  // between heads, always goes through per-thread buffers. Deterministic for a
-  // given thread count.
+  // (b, hkv, key block). Every tile is computed transposed (keys as rows), so
+  // that no product needs a transposed operand: Sᵀ = K (scale Q)ᵀ, dPᵀ = V dOᵀ,
+  // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQᵀ += Kᵀ dSᵀ (scaled at the end). A
+  // task converts its head's Q and dO rows (and their transposes) once.
+  // dQᵀ (B, Hq, D, Sq) is accumulated in the accumulation type: with one task
+  // per (b, hkv) each task owns its heads, so one buffer serves; with split key
+  // blocks each thread sums into its own buffer, added in thread order at the
+  // end. The mask gradient, which broadcast dims may share between heads,
+  // always goes through per-thread buffers. Deterministic for a given thread
+  // count.
   const int64_t threads = at::get_num_threads();
   const int64_t n_blocks = (p.Sk + kBwdBlockN - 1) / kBwdBlockN;
   const bool split_keys = p.B * p.Hkv < 2 * threads;
   const int64_t blocks_per_task = split_keys ? 1 : n_blocks;
   const int64_t tasks_per_head = n_blocks / blocks_per_task;
-  const int64_t dq_size = p.B * p.Sq * p.Hq * p.D;
-  T* dq_direct = !split_keys && std::is_same_v<S, T> ? static_cast<T*>(p.dq.ptr) : nullptr;
-  std::vector<T> dq_acc(dq_direct ? 0 : (split_keys ? threads : 1) * dq_size, T(0));
+  const int64_t dq_size = p.B * p.Hq * p.D * p.Sq;
+  std::vector<T> dqt_acc((split_keys ? threads : 1) * dq_size, T(0));
   const bool want_dmask = p.dmask.ptr != nullptr;
   // dmask buffer extent: the largest offset reachable through its strides + 1.
   const int64_t dmask_size =
@@ -487,98 +508,121 @@ void backward_kernel(const AttnBwdParams& p) {
 
   at::parallel_for(0, p.B * p.Hkv * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    T* dq_t = dq_direct ? dq_direct : dq_acc.data() + (split_keys ? tid : 0) * dq_size;
+    T* dqt_t = dqt_acc.data() + (split_keys ? tid : 0) * dq_size;
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
-    std::vector<T> Kc(kBwdBlockN * p.D), Kt(p.D * kBwdBlockN), Vt(p.Dv * kBwdBlockN);
-    std::vector<T> dK(kBwdBlockN * p.D), dV(kBwdBlockN * p.Dv);
-    std::vector<T> Q(kBwdBlockM * p.D), dO(kBwdBlockM * p.Dv);
-    std::vector<T> Pm(kBwdBlockM * kBwdBlockN), dP(kBwdBlockM * kBwdBlockN), z(kBwdBlockN);
-    std::vector<T> Pt(kBwdBlockN * kBwdBlockM), dSt(kBwdBlockN * kBwdBlockM);
+    const int64_t task_keys = blocks_per_task * kBwdBlockN;
+    std::vector<T> Qh(p.Sq * p.D), Qt(p.D * p.Sq), dOh(p.Sq * p.Dv), dOt(p.Dv * p.Sq);
+    std::vector<T> Kc(kBwdBlockN * p.D), Kt(p.D * kBwdBlockN), Vc(kBwdBlockN * p.Dv);
+    std::vector<T> dK(task_keys * p.D), dV(task_keys * p.Dv);
+    std::vector<T> St(kBwdBlockN * kBwdBlockM), dPt(kBwdBlockN * kBwdBlockM);
+    std::vector<T> Z(kBwdBlockM * kBwdBlockN), shift(kBwdBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = (task / tasks_per_head) % p.Hkv;
       const int64_t b = task / (tasks_per_head * p.Hkv);
-      const int64_t nb_begin = (task % tasks_per_head) * blocks_per_task;
-      for (int64_t nb = nb_begin; nb < nb_begin + blocks_per_task; ++nb) {
-        const int64_t j0 = nb * kBwdBlockN;
-        const int64_t n = std::min(kBwdBlockN, vis.kv_len(b) - j0);
-        if (n <= 0) continue;  // padding keys: dK, dV stay 0
-        const int64_t i_begin = vis.first_row(j0);
-        const int64_t i_end = vis.last_row(j0 + n);
-        if (i_begin >= i_end) continue;
-        load_tile<S>(p.k, b, j0, hk, n, p.D, Kc.data(), scale);
-        load_tile_t<S>(p.k, b, j0, hk, n, p.D, Kt.data());
-        load_tile_t<S>(p.v, b, j0, hk, n, p.Dv, Vt.data());
-        std::fill(dK.begin(), dK.end(), T(0));
-        std::fill(dV.begin(), dV.end(), T(0));
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
-          const T* dl = delta + (b * p.Hq + h) * p.Sq;
-          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockM) {
-            const int64_t m = std::min(kBwdBlockM, i_end - i0);
-            load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
-            load_tile<S>(p.dout, b, i0, h, m, p.Dv, dO.data());
-            score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), Kt.data(), n, Pm.data(), kBwdBlockN);
-            matmul(m, n, p.Dv, dO.data(), p.Dv, Vt.data(), n, dP.data(), kBwdBlockN, false);
+      const int64_t j_lo = (task % tasks_per_head) * task_keys;
+      const int64_t j_hi = std::min(j_lo + task_keys, vis.kv_len(b));
+      if (j_lo >= j_hi) continue;  // padding keys: dK, dV stay 0
+      const int64_t i_begin = vis.first_row(j_lo);
+      const int64_t i_end = vis.last_row(j_hi);
+      if (i_begin >= i_end) continue;
+      const int64_t rows = i_end - i_begin;
+      std::fill(dK.begin(), dK.end(), T(0));
+      std::fill(dV.begin(), dV.end(), T(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
+        const T* dl = delta + (b * p.Hq + h) * p.Sq;
+        load_tile<S>(p.q, b, i_begin, h, rows, p.D, Qh.data(), scale);
+        load_tile<S>(p.dout, b, i_begin, h, rows, p.Dv, dOh.data());
+        transpose(Qh.data(), rows, p.D, p.D, Qt.data());
+        transpose(dOh.data(), rows, p.Dv, p.Dv, dOt.data());
+        T* dqt = dqt_t + (b * p.Hq + h) * p.D * p.Sq;
+        for (int64_t j0 = j_lo; j0 < j_hi; j0 += kBwdBlockN) {
+          const int64_t n = std::min(kBwdBlockN, j_hi - j0);
+          const int64_t bi_begin = std::max(i_begin, vis.first_row(j0));
+          const int64_t bi_end = std::min(i_end, vis.last_row(j0 + n));
+          if (bi_begin >= bi_end) continue;
+          load_tile<S>(p.k, b, j0, hk, n, p.D, Kc.data());
+          load_tile<S>(p.v, b, j0, hk, n, p.Dv, Vc.data());
+          transpose(Kc.data(), n, p.D, p.D, Kt.data());
+          T* dKb = dK.data() + (j0 - j_lo) * p.D;
+          T* dVb = dV.data() + (j0 - j_lo) * p.Dv;
+          for (int64_t i0 = bi_begin; i0 < bi_end; i0 += kBwdBlockM) {
+            const int64_t m = std::min(kBwdBlockM, bi_end - i0);
+            const int64_t r0 = i0 - i_begin;  // first row of the tile in Qh, dOh
+            score_tile_t<S>(p, vis, b, h, i0, m, j0, n, Kc.data(), Qt.data() + r0, rows,
+                            St.data(), kBwdBlockM);
+            matmul(n, m, p.Dv, Vc.data(), p.Dv, dOt.data() + r0, rows, dPt.data(), kBwdBlockM,
+                   false);
+            // P = exp(S - lse), forced to 0 on rows that see no key (lse = -inf).
             for (int64_t r = 0; r < m; ++r) {
-              const int64_t i = i0 + r;
-              T* pr = Pm.data() + r * kBwdBlockN;
-              T* dpr = dP.data() + r * kBwdBlockN;
-              if (lse[i] == neg_inf<T>()) {  // row sees no key: P = 0, no gradient
-                std::fill(pr, pr + n, T(0));
-                std::fill(dpr, dpr + n, T(0));
-                continue;
-              }
-              const T shift = lse[i];
-              at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, pr, pr, n);
-              if (dropout) {
-                dropout_row(p, b * p.Hq + h, i, j0, n, z.data());
-                at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, dpr, dpr, z.data(), n);
-              }
-              const T d = dl[i];
-              // dS = P ∘ (dP∘Z - delta), kept in dP; P∘Z (for dV) kept in Pm.
-              at::vec::map2([d](Vec<T> x, Vec<T> y) { return x * (y - Vec<T>(d)); }, dpr, pr, dpr,
-                            n);
-              if (dropout) {
-                at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, pr, pr, z.data(), n);
-              }
-              if (want_dmask) {
-                T* dm = dmask_t + b * p.dmask.batch + h * p.dmask.head + i * p.dmask.row +
-                        j0 * p.dmask.col;
-                for (int64_t c = 0; c < n; ++c) dm[c * p.dmask.col] += dpr[c];
+              shift[r] = lse[i0 + r] == neg_inf<T>() ? std::numeric_limits<T>::infinity()
+                                                     : lse[i0 + r];
+            }
+            if (dropout) {
+              for (int64_t r = 0; r < m; ++r) {
+                dropout_row(p, b * p.Hq + h, i0 + r, j0, n, Z.data() + r * kBwdBlockN);
               }
             }
-            // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQ += dS (scale K).
-            transpose(Pm.data(), m, n, kBwdBlockN, Pt.data());
-            transpose(dP.data(), m, n, kBwdBlockN, dSt.data());
-            matmul(n, p.Dv, m, Pt.data(), m, dO.data(), p.Dv, dV.data(), p.Dv, true);
-            matmul(n, p.D, m, dSt.data(), m, Q.data(), p.D, dK.data(), p.D, true);
-            matmul(m, p.D, n, dP.data(), kBwdBlockN, Kc.data(), p.D,
-                   dq_t + ((b * p.Sq + i0) * p.Hq + h) * p.D, p.Hq * p.D, true);
+            for (int64_t c = 0; c < n; ++c) {
+              T* pr = St.data() + c * kBwdBlockM;
+              T* dpr = dPt.data() + c * kBwdBlockM;
+              at::vec::map2([](Vec<T> x, Vec<T> l) { return vexp(x - l); }, pr, pr,
+                            shift.data(), m);
+              if (dropout) {
+                for (int64_t r = 0; r < m; ++r) {
+                  const T z = Z[r * kBwdBlockN + c];
+                  dpr[r] *= z;
+                }
+              }
+              // dSᵀ = Pᵀ ∘ (dPᵀ∘Z - delta), kept in dPt; (P∘Z)ᵀ (for dV) kept in St.
+              at::vec::map3([](Vec<T> x, Vec<T> y, Vec<T> d) { return x * (y - d); }, dpr, pr,
+                            dpr, dl + i0, m);
+              if (dropout) {
+                for (int64_t r = 0; r < m; ++r) pr[r] *= Z[r * kBwdBlockN + c];
+              }
+              if (want_dmask) {
+                T* dm = dmask_t + b * p.dmask.batch + h * p.dmask.head + i0 * p.dmask.row +
+                        (j0 + c) * p.dmask.col;
+                for (int64_t r = 0; r < m; ++r) dm[r * p.dmask.row] += dpr[r];
+              }
+            }
+            matmul(n, p.Dv, m, St.data(), kBwdBlockM, dOh.data() + r0 * p.Dv, p.Dv, dVb, p.Dv,
+                   true);
+            matmul(n, p.D, m, dPt.data(), kBwdBlockM, Qh.data() + r0 * p.D, p.D, dKb, p.D, true);
+            matmul(p.D, m, n, Kt.data(), n, dPt.data(), kBwdBlockM, dqt + i0, p.Sq, true);
           }
         }
-        S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j0 * p.dk.row + hk * p.dk.head;
-        S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j0 * p.dv.row + hk * p.dv.head;
-        for (int64_t c = 0; c < n; ++c) {
-          from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, T(1));
-          from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
-        }
+      }
+      S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j_lo * p.dk.row + hk * p.dk.head;
+      S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j_lo * p.dv.row + hk * p.dv.head;
+      for (int64_t c = 0; c < j_hi - j_lo; ++c) {
+        from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, T(1));
+        from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
       }
     }
     matmul_release();
   });
 
-  // dq (contiguous (B, Sq, Hq, D)) = sum of the accumulators in thread order.
-  if (!dq_direct) {
-    S* dq = static_cast<S*>(p.dq.ptr);
-    const int64_t n_acc = static_cast<int64_t>(dq_acc.size()) / std::max<int64_t>(dq_size, 1);
-    at::parallel_for(0, dq_size, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        T acc = 0;
-        for (int64_t t = 0; t < n_acc; ++t) acc += dq_acc[t * dq_size + idx];
-        dq[idx] = static_cast<S>(acc);
+  // dq (contiguous (B, Sq, Hq, D)) = scale * the accumulators summed in
+  // thread order, transposed back from (B, Hq, D, Sq).
+  S* dq = static_cast<S*>(p.dq.ptr);
+  const int64_t n_acc = static_cast<int64_t>(dqt_acc.size()) / std::max<int64_t>(dq_size, 1);
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(p.D * p.Sq), rows(p.Sq * p.D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.Hq, h = bh % p.Hq;
+      const T* first = dqt_acc.data() + bh * p.D * p.Sq;
+      std::copy(first, first + p.D * p.Sq, sum.begin());
+      for (int64_t t = 1; t < n_acc; ++t) {
+        const T* acc = first + t * dq_size;
+        for (int64_t idx = 0; idx < p.D * p.Sq; ++idx) sum[idx] += acc[idx];
       }
-    });
-  }
+      transpose(sum.data(), p.D, p.Sq, p.Sq, rows.data());
+      for (int64_t i = 0; i < p.Sq; ++i) {
+        from_acc(rows.data() + i * p.D, dq + ((b * p.Sq + i) * p.Hq + h) * p.D, p.D, scale);
+      }
+    }
+  });
   if (want_dmask) {
     T* dmask = static_cast<T*>(const_cast<void*>(p.dmask.ptr));
     for (int64_t t = 0; t < threads; ++t) {
