@@ -13,6 +13,7 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -69,8 +70,13 @@ def cpu_extensions():
         variants = X86_VARIANTS
     else:
         variants = {"_cpu_generic": []}
+    # at::parallel_for is inline OpenMP code when torch uses OpenMP: without
+    # -fopenmp it would run serially. (libgomp is torch's own, already loaded.)
+    openmp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
     return [
-        CppExtension(f"selfattn.{name}", sources, extra_compile_args={"cxx": ["-O3"] + flags})
+        CppExtension(f"selfattn.{name}", sources,
+                     extra_compile_args={"cxx": ["-O3"] + openmp + flags},
+                     extra_link_args=openmp)
         for name, flags in variants.items()
     ]
 
