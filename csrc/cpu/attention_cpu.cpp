@@ -485,9 +485,10 @@ void backward_kernel(const AttnBwdParams& p) {
   // that no product needs a transposed operand: Sᵀ = K (scale Q)ᵀ, dPᵀ = V dOᵀ,
   // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQᵀ += Kᵀ dSᵀ (scaled at the end). A
   // task converts its head's Q and dO rows (and their transposes) once.
-  // dQᵀ (B, Hq, D, Sq) is accumulated in the accumulation type: with one task
-  // per (b, hkv) each task owns its heads, so one buffer serves; with split key
-  // blocks each thread sums into its own buffer, added in thread order at the
+  // dQᵀ is accumulated in the accumulation type: with one task per (b, hkv)
+  // the task owns its heads, so a (D, Sq) buffer per thread serves and is
+  // written to dq when the head is done; with split key blocks each thread
+  // sums into its own (B, Hq, D, Sq) buffer, added in thread order at the
   // end. The mask gradient, which broadcast dims may share between heads,
   // always goes through per-thread buffers. Deterministic for a given thread
   // count.
@@ -497,7 +498,16 @@ void backward_kernel(const AttnBwdParams& p) {
   const int64_t blocks_per_task = split_keys ? 1 : n_blocks;
   const int64_t tasks_per_head = n_blocks / blocks_per_task;
   const int64_t dq_size = p.B * p.Hq * p.D * p.Sq;
-  std::vector<T> dqt_acc((split_keys ? threads : 1) * dq_size, T(0));
+  std::vector<T> dqt_acc(split_keys ? threads * dq_size : 0, T(0));
+  S* dq = static_cast<S*>(p.dq.ptr);
+  // dq rows [i_begin, i_end) of head (b, h) = scale * dqt (D, Sq)ᵀ; rows is scratch.
+  auto store_dq = [&](const T* dqt, int64_t b, int64_t h, int64_t i_begin, int64_t i_end,
+                      T* rows) {
+    transpose(dqt + i_begin, p.D, i_end - i_begin, p.Sq, rows);
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      from_acc(rows + (i - i_begin) * p.D, dq + ((b * p.Sq + i) * p.Hq + h) * p.D, p.D, scale);
+    }
+  };
   const bool want_dmask = p.dmask.ptr != nullptr;
   // dmask buffer extent: the largest offset reachable through its strides + 1.
   const int64_t dmask_size =
@@ -508,7 +518,7 @@ void backward_kernel(const AttnBwdParams& p) {
 
   at::parallel_for(0, p.B * p.Hkv * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    T* dqt_t = dqt_acc.data() + (split_keys ? tid : 0) * dq_size;
+    std::vector<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(p.Sq * p.D);
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
     const int64_t task_keys = blocks_per_task * kBwdBlockN;
     std::vector<T> Qh(p.Sq * p.D), Qt(p.D * p.Sq), dOh(p.Sq * p.Dv), dOt(p.Dv * p.Sq);
@@ -535,7 +545,9 @@ void backward_kernel(const AttnBwdParams& p) {
         load_tile<S>(p.dout, b, i_begin, h, rows, p.Dv, dOh.data());
         transpose(Qh.data(), rows, p.D, p.D, Qt.data());
         transpose(dOh.data(), rows, p.Dv, p.Dv, dOt.data());
-        T* dqt = dqt_t + (b * p.Hq + h) * p.D * p.Sq;
+        T* dqt = split_keys ? dqt_acc.data() + tid * dq_size + (b * p.Hq + h) * p.D * p.Sq
+                            : dqt_head.data();
+        if (!split_keys) std::fill(dqt_head.begin(), dqt_head.end(), T(0));
         for (int64_t j0 = j_lo; j0 < j_hi; j0 += kBwdBlockN) {
           const int64_t n = std::min(kBwdBlockN, j_hi - j0);
           const int64_t bi_begin = std::max(i_begin, vis.first_row(j0));
@@ -592,6 +604,7 @@ void backward_kernel(const AttnBwdParams& p) {
             matmul(p.D, m, n, Kt.data(), n, dPt.data(), kBwdBlockM, dqt + i0, p.Sq, true);
           }
         }
+        if (!split_keys) store_dq(dqt, b, h, i_begin, i_end, dq_rows.data());
       }
       S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j_lo * p.dk.row + hk * p.dk.head;
       S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j_lo * p.dv.row + hk * p.dv.head;
@@ -603,26 +616,21 @@ void backward_kernel(const AttnBwdParams& p) {
     matmul_release();
   });
 
-  // dq (contiguous (B, Sq, Hq, D)) = scale * the accumulators summed in
-  // thread order, transposed back from (B, Hq, D, Sq).
-  S* dq = static_cast<S*>(p.dq.ptr);
-  const int64_t n_acc = static_cast<int64_t>(dqt_acc.size()) / std::max<int64_t>(dq_size, 1);
-  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> sum(p.D * p.Sq), rows(p.Sq * p.D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.Hq, h = bh % p.Hq;
-      const T* first = dqt_acc.data() + bh * p.D * p.Sq;
-      std::copy(first, first + p.D * p.Sq, sum.begin());
-      for (int64_t t = 1; t < n_acc; ++t) {
-        const T* acc = first + t * dq_size;
-        for (int64_t idx = 0; idx < p.D * p.Sq; ++idx) sum[idx] += acc[idx];
+  // Split key blocks: dq = scale * the threads' accumulators summed in thread order.
+  if (split_keys) {
+    at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> sum(p.D * p.Sq), rows(p.Sq * p.D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const T* first = dqt_acc.data() + bh * p.D * p.Sq;
+        std::copy(first, first + p.D * p.Sq, sum.begin());
+        for (int64_t t = 1; t < threads; ++t) {
+          const T* acc = first + t * dq_size;
+          for (int64_t idx = 0; idx < p.D * p.Sq; ++idx) sum[idx] += acc[idx];
+        }
+        store_dq(sum.data(), bh / p.Hq, bh % p.Hq, 0, p.Sq, rows.data());
       }
-      transpose(sum.data(), p.D, p.Sq, p.Sq, rows.data());
-      for (int64_t i = 0; i < p.Sq; ++i) {
-        from_acc(rows.data() + i * p.D, dq + ((b * p.Sq + i) * p.Hq + h) * p.D, p.D, scale);
-      }
-    }
-  });
+    });
+  }
   if (want_dmask) {
     T* dmask = static_cast<T*>(const_cast<void*>(p.dmask.ptr));
     for (int64_t t = 0; t < threads; ++t) {
