@@ -20,7 +20,7 @@ BSHD bshd(const at::Tensor& t) {
 void check_bshd(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, "selfattn: ", name, " must be 4-D (B, S, H, D), got ", t.dim(),
               "-D");
-  TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1, "selfattn: ", name,
+  TORCH_CHECK(t.numel() == 0 || t.size(3) == 1 || t.stride(3) == 1, "selfattn: ", name,
               " must have a contiguous last dim (stride 1), got stride ", t.stride(3));
 }
 
@@ -118,8 +118,10 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
               window_right, ")");
-  p.window_left = window_left;
-  p.window_right = window_right;
+  // A side at least Sq + Sk wide bounds nothing: unbounded, so that the
+  // kernels' index arithmetic cannot overflow.
+  p.window_left = window_left > p.Sq + p.Sk ? -1 : window_left;
+  p.window_right = window_right > p.Sq + p.Sk ? -1 : window_right;
   p.diag_offset = bottom_right ? p.Sk - p.Sq : 0;
   p.mask = mask_view(attn_mask, q, p.Sk);
   if (key_lengths.has_value()) {

@@ -37,6 +37,13 @@ def _tensor(fn, name, t):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _window_side(fn, value, side):
     if value is None:
         return -1
@@ -97,11 +104,14 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
         right = _window_side(fn, window[1], "right")
     if causal:
         right = 0
+    # A side at least Sq + Sk wide bounds nothing: unbounded (no int64 overflow downstream).
+    left = -1 if left > Sq + Sk else left
+    right = -1 if right > Sq + Sk else right
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{fn}: scale must be a float or None, got {scale!r}")
-    elif not math.isfinite(scale):
+    elif not _finite(scale):
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"{fn}: dropout_p must be a float, got {dropout_p!r}")
@@ -157,7 +167,7 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
         if t.dim() == 3:
             t = t.unsqueeze(1)
         elif t.dim() > 4:
-            t = t.reshape(-1, *t.shape[-3:])
+            t = t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
         return t.transpose(1, 2)
 
     q, k, v = to_bshd(query), to_bshd(key), to_bshd(value)
@@ -178,7 +188,7 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
             except RuntimeError as e:
                 raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not "
                                  f"broadcastable to query's leading dims {tuple(lead)}") from e
-            attn_mask = m.reshape(-1, *m.shape[-3:])
+            attn_mask = m.reshape(math.prod(m.shape[:-3]), *m.shape[-3:])
     kwargs = dict(causal=bool(is_causal), causal_alignment="top_left", scale=scale,
                   attn_mask=attn_mask, dropout_p=dropout_p)
 

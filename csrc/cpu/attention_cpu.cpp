@@ -291,7 +291,8 @@ void dropout_row(const AttnParams& p, int64_t bh, int64_t i, int64_t j0, int64_t
   }
 }
 
-// Max of s[0, n) (a NaN in s reaches the output through the exp that follows).
+// Max of s[0, n); NaN when the row holds a NaN and no finite value (a NaN next
+// to finite values reaches the output through the exp that follows).
 template <typename T>
 __attribute__((flatten)) T row_max(const T* s, int64_t n) {
   constexpr int64_t kVec = Vec<T>::size();
@@ -305,7 +306,18 @@ __attribute__((flatten)) T row_max(const T* s, int64_t n) {
   acc.store(lanes);
   for (int64_t l = 0; l < kVec; ++l) best = std::max(best, lanes[l]);
   for (; c < n; ++c) best = std::max(best, s[c]);
+  if (best == neg_inf<T>()) {  // all -inf, or NaN hidden by the max: NaN must propagate
+    for (int64_t i = 0; i < n; ++i) {
+      if (std::isnan(s[i])) return s[i];
+    }
+  }
   return best;
+}
+
+// The running max after a tile: NaN sticks (std::max would drop it).
+template <typename T>
+T next_max(T running, T tile_max) {
+  return std::isnan(tile_max) ? tile_max : std::max(running, tile_max);
 }
 
 // s = exp(s - shift) in place; returns the sum.
@@ -379,6 +391,14 @@ class KVPanel {
   std::vector<T> kt_, v_;
 };
 
+// Grain of an at::parallel_for whose tasks cost `work` multiply-adds each:
+// problems smaller than kMinParallelWork run on the calling thread, where a
+// parallel region would cost more than the work itself.
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kMinParallelWork = int64_t(1) << 20;
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work, 1));
+}
+
 // First key of the kBlockN-aligned tile that holds key j.
 inline int64_t tile_start(int64_t j) { return j / kBlockN * kBlockN; }
 
@@ -393,7 +413,8 @@ void forward_kernel(const AttnParams& p) {
   const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(kBlockM * p.Sk * (p.D + p.Dv));
+  at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
     KVPanel<S, T> kv(p, true);
     std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), O(kBlockM * p.Dv), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
@@ -409,17 +430,18 @@ void forward_kernel(const AttnParams& p) {
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
-      if (j_begin < j_end) {
+      const int64_t j_first = j_begin < j_end ? tile_start(j_begin) : j_end;  // no tile if empty
+      if (j_first < j_end) {
         load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
         kv.load(b, hk);
       }
-      for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
+      for (int64_t j0 = j_first; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
         score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN, Sc.data(),
                       kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           T* s = Sc.data() + r * kBlockN;
-          const T m_new = std::max(row_m[r], row_max(s, n));
+          const T m_new = next_max(row_m[r], row_max(s, n));
           if (m_new == neg_inf<T>()) {  // nothing visible yet in this row
             std::fill(s, s + n, T(0));
             continue;
@@ -465,7 +487,7 @@ void backward_kernel(const AttnBwdParams& p) {
   const T* lse_all = static_cast<const T*>(p.lse);
 
   // delta = rowsum(dO ∘ O), (B, Hq, Sq)
-  at::parallel_for(0, p.B * p.Hq * p.Sq, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.Hq * p.Sq, grain_for(p.Dv), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t i = idx % p.Sq;
       const int64_t h = (idx / p.Sq) % p.Hq;
@@ -516,7 +538,8 @@ void backward_kernel(const AttnBwdParams& p) {
                  : 0;
   std::vector<T> dmask_acc(threads * dmask_size, T(0));
 
-  at::parallel_for(0, p.B * p.Hkv * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(blocks_per_task * kBwdBlockN * p.Sq * (p.D + p.Dv) * 2 * group);
+  at::parallel_for(0, p.B * p.Hkv * tasks_per_head, grain, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
     std::vector<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(p.Sq * p.D);
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
@@ -566,9 +589,11 @@ void backward_kernel(const AttnBwdParams& p) {
             matmul(n, m, p.Dv, Vc.data(), p.Dv, dOt.data() + r0, rows, dPt.data(), kBwdBlockM,
                    false);
             // P = exp(S - lse), forced to 0 on rows that see no key (lse = -inf).
+            bool nan_rows = false;
             for (int64_t r = 0; r < m; ++r) {
               shift[r] = lse[i0 + r] == neg_inf<T>() ? std::numeric_limits<T>::infinity()
                                                      : lse[i0 + r];
+              nan_rows |= std::isnan(shift[r]);
             }
             if (dropout) {
               for (int64_t r = 0; r < m; ++r) {
@@ -580,6 +605,11 @@ void backward_kernel(const AttnBwdParams& p) {
               T* dpr = dPt.data() + c * kBwdBlockM;
               at::vec::map2([](Vec<T> x, Vec<T> l) { return vexp(x - l); }, pr, pr,
                             shift.data(), m);
+              if (nan_rows) {  // the fast exp maps NaN to inf; a NaN row stays NaN
+                for (int64_t r = 0; r < m; ++r) {
+                  if (std::isnan(shift[r])) pr[r] = shift[r];
+                }
+              }
               if (dropout) {
                 for (int64_t r = 0; r < m; ++r) {
                   const T z = Z[r * kBwdBlockN + c];
@@ -618,7 +648,8 @@ void backward_kernel(const AttnBwdParams& p) {
 
   // Split key blocks: dq = scale * the threads' accumulators summed in thread order.
   if (split_keys) {
-    at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, p.B * p.Hq, grain_for(threads * p.D * p.Sq), [&](int64_t begin,
+                                                                          int64_t end) {
       std::vector<T> sum(p.D * p.Sq), rows(p.Sq * p.D);
       for (int64_t bh = begin; bh < end; ++bh) {
         const T* first = dqt_acc.data() + bh * p.D * p.Sq;
@@ -650,7 +681,8 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
   const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.Hq * m_blocks, grain_for(kBlockM * p.Sk * p.D),
+                   [&](int64_t begin, int64_t end) {
     KVPanel<S, T> kv(p, false);
     std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
@@ -681,7 +713,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
                         Sc.data(), kBlockN);
           for (int64_t r = 0; r < m; ++r) {
             T* s = Sc.data() + r * kBlockN;
-            const T m_new = std::max(row_m[r], row_max(s, n));
+            const T m_new = next_max(row_m[r], row_max(s, n));
             if (m_new == neg_inf<T>()) continue;
             row_l[r] = row_l[r] * std::exp(row_m[r] - m_new) + exp_shift_sum(s, n, m_new);
             row_m[r] = m_new;
@@ -700,6 +732,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
           T* s = Sc.data() + r * kBlockN;
           const T shift = lse[r];
           at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, s, s, n);
+          if (std::isnan(shift)) std::fill(s, s + n, shift);  // the fast exp maps NaN to inf
           if (dropout) {
             dropout_row(p, b * p.Hq + h, i0 + r, j0, n, z.data());
             at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
