@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import selfattn
 from selfattn import nn as sa_nn
 from selfattn import reference
-from selfattn._measure import Progress, median_seconds, peak_bytes
+from selfattn._measure import Progress, median_seconds, peak_bytes, with_backward
 
 
 @dataclass
@@ -157,11 +157,6 @@ def make_fns(p: Point, device: str, max_dense_s: int) -> Dict[str, Callable[[], 
 def run_point(p: Point, device: str, args) -> None:
     fns = make_fns(p, device, args.max_dense_s)
     if p.mode == "fwd+bwd":
-        def with_backward(fn):
-            def run():
-                out = fn()
-                out.backward(torch.ones_like(out))
-            return run
         fns = {name: with_backward(fn) for name, fn in fns.items()}
         times = median_seconds(fns, rounds=args.rounds, min_run_time=args.min_run_time)
         peaks = {name: peak_bytes(fn, device) for name, fn in fns.items()}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import reference
-from selfattn._measure import Progress, median_seconds, peak_bytes
+from selfattn._measure import Progress, median_seconds, peak_bytes, with_backward
 from selfattn.testing import check_against_reference
 
 
@@ -92,13 +92,6 @@ def _speed_cases(device):
     yield f"MultiheadAttention B{B} S{S} E{E} H{H}", make_mha
 
 
-def _with_backward(fn):
-    def run():
-        out = fn()
-        out.backward(torch.ones_like(out))
-    return run
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m selfattn", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -127,7 +120,7 @@ def main(argv=None) -> int:
         for mode in ("fwd", "fwd+bwd"):
             fns = make()
             if mode == "fwd+bwd":
-                fns = {k: _with_backward(f) for k, f in fns.items()}
+                fns = {k: with_backward(f) for k, f in fns.items()}
                 times = median_seconds(fns)
             else:
                 with torch.no_grad():

@@ -55,6 +55,14 @@ def median_seconds(fns: Dict[str, Callable[[], object]], rounds: int = 3,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def with_backward(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """fn() followed by the backward of its output (with a gradient of ones)."""
+    def run() -> None:
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return run
+
+
 def _tune_malloc() -> None:
     if not sys.platform.startswith("linux"):
         return

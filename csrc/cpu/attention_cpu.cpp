@@ -217,9 +217,30 @@ struct Visibility {
 };
 
 // ---------------------------------------------------------------------------
-// Scores of one tile: S (m x n, row stride lds) = Qs Kᵀ + mask, with -inf
-// where key j0 + c is not visible to query i0 + r. Qs is scale * Q (m x D,
-// dense), Kt is Kᵀ (D x n, row stride ldk).
+// Scores of a tile, in either orientation. One line s[0, count) of scores has
+// its mask elements at mask offset `first` + e * `step`, and is visible on
+// [lo, hi) (relative to the line): adds a float mask, hides where a bool mask
+// is false, and hides what the window, causality or key_lengths hide.
+template <typename S, typename T>
+void mask_line(const MaskView& mk, int64_t first, int64_t step, int64_t lo, int64_t hi, T* s,
+               int64_t count) {
+  if (mk.kind == MaskKind::Float) {
+    const S* m = static_cast<const S*>(mk.ptr) + first;
+    for (int64_t e = 0; e < count; ++e) s[e] += static_cast<T>(m[e * step]);
+  } else if (mk.kind == MaskKind::Bool) {
+    const bool* m = static_cast<const bool*>(mk.ptr) + first;
+    for (int64_t e = 0; e < count; ++e) {
+      if (!m[e * step]) s[e] = neg_inf<T>();
+    }
+  }
+  lo = std::clamp<int64_t>(lo, 0, count);
+  hi = std::clamp<int64_t>(hi, lo, count);
+  std::fill(s, s + lo, neg_inf<T>());
+  std::fill(s + hi, s + count, neg_inf<T>());
+}
+
+// S (m x n, row stride lds) = Qs Kᵀ + mask for queries i0.. and keys j0..;
+// Qs is scale * Q (m x D, dense), Kt is Kᵀ (D x n, row stride ldk).
 template <typename S, typename T>
 void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
                 int64_t m, int64_t j0, int64_t n, const T* Q, const T* Kt, int64_t ldk, T* Sc,
@@ -227,29 +248,14 @@ void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h
   matmul(m, n, p.D, Q, p.D, Kt, ldk, Sc, lds, false);
   const MaskView& mk = p.mask;
   for (int64_t r = 0; r < m; ++r) {
-    T* s = Sc + r * lds;
     const int64_t i = i0 + r;
-    if (mk.kind == MaskKind::Float) {
-      const S* mrow = static_cast<const S*>(mk.ptr) + b * mk.batch + h * mk.head + i * mk.row +
-                      j0 * mk.col;
-      for (int64_t c = 0; c < n; ++c) s[c] += static_cast<T>(mrow[c * mk.col]);
-    } else if (mk.kind == MaskKind::Bool) {
-      const bool* mrow = static_cast<const bool*>(mk.ptr) + b * mk.batch + h * mk.head +
-                         i * mk.row + j0 * mk.col;
-      for (int64_t c = 0; c < n; ++c) {
-        if (!mrow[c * mk.col]) s[c] = neg_inf<T>();
-      }
-    }
-    const int64_t lo = std::clamp<int64_t>(vis.lo(i) - j0, 0, n);
-    const int64_t hi = std::clamp<int64_t>(vis.hi(b, i) - j0, lo, n);
-    std::fill(s, s + lo, neg_inf<T>());
-    std::fill(s + hi, s + n, neg_inf<T>());
+    mask_line<S>(mk, b * mk.batch + h * mk.head + i * mk.row + j0 * mk.col, mk.col,
+                 vis.lo(i) - j0, vis.hi(b, i) - j0, Sc + r * lds, n);
   }
 }
 
-// The transposed tile: St (n x m, row stride lds) = K Qsᵀ + maskᵀ, -inf where
-// key j0 + c is not visible to query i0 + r. Kc is K (n x D, dense), Qt is
-// (scale Q)ᵀ (D x m, row stride ldq).
+// The transposed tile: St (n x m, row stride lds) = K Qsᵀ + maskᵀ; Kc is K
+// (n x D, dense), Qt is (scale Q)ᵀ (D x m, row stride ldq).
 template <typename S, typename T>
 void score_tile_t(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
                   int64_t m, int64_t j0, int64_t n, const T* Kc, const T* Qt, int64_t ldq, T* St,
@@ -257,23 +263,9 @@ void score_tile_t(const AttnParams& p, const Visibility& vis, int64_t b, int64_t
   matmul(n, m, p.D, Kc, p.D, Qt, ldq, St, lds, false);
   const MaskView& mk = p.mask;
   for (int64_t c = 0; c < n; ++c) {
-    T* s = St + c * lds;
     const int64_t j = j0 + c;
-    if (mk.kind == MaskKind::Float) {
-      const S* mcol = static_cast<const S*>(mk.ptr) + b * mk.batch + h * mk.head + i0 * mk.row +
-                      j * mk.col;
-      for (int64_t r = 0; r < m; ++r) s[r] += static_cast<T>(mcol[r * mk.row]);
-    } else if (mk.kind == MaskKind::Bool) {
-      const bool* mcol = static_cast<const bool*>(mk.ptr) + b * mk.batch + h * mk.head +
-                         i0 * mk.row + j * mk.col;
-      for (int64_t r = 0; r < m; ++r) {
-        if (!mcol[r * mk.row]) s[r] = neg_inf<T>();
-      }
-    }
-    const int64_t lo = std::clamp<int64_t>(vis.first_row(j) - i0, 0, m);
-    const int64_t hi = std::clamp<int64_t>(vis.last_row(j + 1) - i0, lo, m);
-    std::fill(s, s + lo, neg_inf<T>());
-    std::fill(s + hi, s + m, neg_inf<T>());
+    mask_line<S>(mk, b * mk.batch + h * mk.head + i0 * mk.row + j * mk.col, mk.row,
+                 vis.first_row(j) - i0, vis.last_row(j + 1) - i0, St + c * lds, m);
   }
 }
 
