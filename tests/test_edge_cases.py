@@ -126,7 +126,7 @@ def test_very_large_scale(scale):
     _check_v_only(qkv(), scale=scale)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(  # passes in builds that round differently (sanitizers)
     "precision (documented float32 limit, extreme form): with scale=1e30 the softmax is "
     "one-hot and the float64 dq, dk are ~0, but float32 dq, dk are ~1e24: dS = P * (dP - "
     "delta) with delta = rowsum(dO * O) rounded differently from dP leaves a ~1e-7 residue "
