@@ -1,21 +1,25 @@
 // CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
 //
 // Forward: one task per (b, hq, block of kBlockM query rows); it streams the
-// visible key tiles (kBlockN keys), computes S = scale * Q Kᵀ (+ mask), keeps
-// the running row max and sum (online softmax) and accumulates O += P V.
-// Backward: preprocessing delta = rowsum(dO ∘ O); then one task per
-// (b, hkv, block of kBwdBlockN keys) that visits every query head of the group and
-// every query block that sees those keys, recomputes P = exp(S - lse) and
-// accumulates dK, dV in the task and dQ in a per-thread float buffer that is
-// summed at the end (deterministic for a given thread count). Probs: one task
-// per query block, computing lse first when it is not given.
+// visible key tiles (kBlockN keys) past the block, computes S = (scale Q) Kᵀ
+// (+ mask), keeps the running row max and sum (online softmax) and
+// accumulates O += P V. Each thread keeps the keys and values of its current
+// (b, hkv) packed in a KVPanel.
+// Backward: delta = rowsum(dO ∘ O); then one task per (b, hkv) (or per key
+// block of it when there are fewer heads than threads) that visits every
+// query head of the group and every query block that sees its keys,
+// recomputes P = exp(S - lse) on transposed tiles (keys as rows, so no
+// product needs a transposed operand) and accumulates dK, dV in the task and
+// dQᵀ per head (or per thread when key blocks are split). Deterministic for a
+// given thread count. Probs: one task per query block, computing lse first
+// when it is not given.
 //
 // Tiles are converted to the accumulation type (float, or double for float64)
-// and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM micro-kernel
-// through ATen's cpublas::brgemm (JIT-compiled for the running CPU), else a
-// register-blocked micro-kernel (gemm_acc). The softmax arithmetic is at::vec;
-// q is pre-scaled by `scale` so scores need no extra pass. Extra memory is O(B·H·S) plus per-thread
-// tiles: no Sq x Sk buffer. Dropout bits come from philox.h, keyed by
+// and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM
+// micro-kernel through ATen's cpublas::brgemm (JIT-compiled for the running
+// CPU), else a register-blocked micro-kernel (gemm_acc). The softmax
+// arithmetic is at::vec. Extra memory is O(B·H·S) plus per-thread panels of
+// O(S·D): no Sq x Sk buffer. Dropout bits come from philox.h, keyed by
 // (b, h, i, j), so the backward regenerates the forward's mask.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
