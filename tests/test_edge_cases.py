@@ -5,8 +5,8 @@ their limits, empty batch / sequence. Judged against the float64 reference
 (DESIGN.md section 5 via selfattn.testing) or, where the reference itself
 gives NaN/inf, by NaN pattern or by an explicit relative bound.
 
-Known bugs found here are kept as xfail(strict=True) tests whose reason names
-the input, the expectation and what the kernel gives.
+A documented precision limit is kept as an xfail test whose reason names the
+input, the expectation and what the kernel gives.
 """
 from __future__ import annotations
 
@@ -185,12 +185,9 @@ def test_float_mask_with_pos_inf_gives_reference_nan_pattern():
     assert torch.equal(lse.isposinf(), lse_ref.isposinf()) and same_nan(lse, lse_ref)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a +inf float-mask entry makes the reference's dv and attention_weights NaN "
-    "(softmax(+inf) = NaN, and that row's NaN reaches every key's dv); selfattn recomputes "
-    "P = exp(S - lse) with S = lse = +inf and gets +inf instead of NaN: dv is +inf at the "
-    "masked key and finite elsewhere, attention_weights is [0, .., inf, .., 0] for that row"))
 def test_float_mask_with_pos_inf_dv_and_weights_nan_pattern():
+    # softmax(+inf) = NaN in the reference: that row's weights are NaN, and the
+    # NaN reaches every key's dv.
     q, k, v, m = _pos_inf_case()
     (_, g), (_, g_ref) = run_both([q, k, v], mask=m)
     w = selfattn.attention_weights(q, k, attn_mask=m)
@@ -201,11 +198,7 @@ def test_float_mask_with_pos_inf_dv_and_weights_nan_pattern():
 
 @pytest.mark.parametrize("where", [
     "v",
-    pytest.param("k", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: a NaN in k[0, 2, 0, 1] makes the score of key 2 NaN for every query: the "
-        "reference's softmax rows, and so dv, are NaN everywhere (20 NaN in dv); selfattn's "
-        "output matches the reference's NaN pattern but its dv has no NaN (P = exp(S - lse) "
-        "of the NaN score is not NaN in the backward)"))),
+    "k",
     "q",
 ])
 def test_nan_input_propagates_as_in_reference(where):

@@ -190,6 +190,14 @@ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// A row whose softmax is NaN: its scores held a NaN or +inf (max = +inf, and
+// inf - inf = NaN in the reference), which leaves lse NaN or +inf. The fast
+// exp maps NaN to inf, so such rows are set to NaN explicitly.
+template <typename T>
+bool nan_row(T lse) {
+  return std::isnan(lse) || lse == std::numeric_limits<T>::infinity();
+}
+
 // ---------------------------------------------------------------------------
 // Visibility: window, causal alignment and key_lengths as key ranges.
 
@@ -587,9 +595,11 @@ void backward_kernel(const AttnBwdParams& p) {
             // P = exp(S - lse), forced to 0 on rows that see no key (lse = -inf).
             bool nan_rows = false;
             for (int64_t r = 0; r < m; ++r) {
-              shift[r] = lse[i0 + r] == neg_inf<T>() ? std::numeric_limits<T>::infinity()
-                                                     : lse[i0 + r];
-              nan_rows |= std::isnan(shift[r]);
+              const T l = lse[i0 + r];
+              shift[r] = nan_row(l) ? std::numeric_limits<T>::quiet_NaN()
+                         : l == neg_inf<T>() ? std::numeric_limits<T>::infinity()
+                                             : l;
+              nan_rows |= nan_row(l);
             }
             if (dropout) {
               for (int64_t r = 0; r < m; ++r) {
@@ -601,7 +611,7 @@ void backward_kernel(const AttnBwdParams& p) {
               T* dpr = dPt.data() + c * kBwdBlockM;
               at::vec::map2([](Vec<T> x, Vec<T> l) { return vexp(x - l); }, pr, pr,
                             shift.data(), m);
-              if (nan_rows) {  // the fast exp maps NaN to inf; a NaN row stays NaN
+              if (nan_rows) {
                 for (int64_t r = 0; r < m; ++r) {
                   if (std::isnan(shift[r])) pr[r] = shift[r];
                 }
@@ -728,7 +738,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
           T* s = Sc.data() + r * kBlockN;
           const T shift = lse[r];
           at::vec::map([shift](Vec<T> x) { return vexp(x - Vec<T>(shift)); }, s, s, n);
-          if (std::isnan(shift)) std::fill(s, s + n, shift);  // the fast exp maps NaN to inf
+          if (nan_row(shift)) std::fill(s, s + n, std::numeric_limits<T>::quiet_NaN());
           if (dropout) {
             dropout_row(p, b * p.Hq + h, i0 + r, j0, n, z.data());
             at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
