@@ -1,26 +1,27 @@
 // CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
 //
-// Forward: one task per (b, hq, block of kBlockM query rows); it streams the
-// visible key tiles (kBlockN keys) past the block, computes S = (scale Q) Kᵀ
-// (+ mask), keeps the running row max and sum (online softmax) and
-// accumulates O += P V. Each thread keeps the keys and values of its current
-// (b, hkv) packed in a KVPanel.
+// Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM on
+// small problems); it streams the visible key tiles (kBlockN keys) past the
+// block, converting each once (KVTile), and for each sub-block of kBlockM rows
+// computes S = (scale Q) Kᵀ (+ mask), keeps the running row max and sum
+// (online softmax) and accumulates O += P V.
 // Backward: delta = rowsum(dO ∘ O); then one task per (b, hkv) (or per key
 // block of it when there are fewer heads than threads) that visits every
-// query head of the group and every query block that sees its keys,
+// query head of the group, its key blocks and the query tiles that see them,
 // recomputes P = exp(S - lse) on transposed tiles (keys as rows, so no
-// product needs a transposed operand) and accumulates dK, dV in the task and
-// dQᵀ per head (or per thread when key blocks are split). Deterministic for a
-// given thread count. Probs: one task per query block, computing lse first
-// when it is not given.
+// product needs a transposed operand) and accumulates dK, dV per key block
+// and dQᵀ per head (or per thread when key blocks are split). Deterministic
+// for a given thread count. Probs: one task per query block, computing lse
+// first when it is not given.
 //
 // Tiles are converted to the accumulation type (float, or double for float64)
 // and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM
 // micro-kernel through ATen's cpublas::brgemm (JIT-compiled for the running
 // CPU), else a register-blocked micro-kernel (gemm_acc). The softmax
-// arithmetic is at::vec. Extra memory is O(B·H·S) plus per-thread panels of
-// O(S·D): no Sq x Sk buffer. Dropout bits come from philox.h, keyed by
-// (b, h, i, j), so the backward regenerates the forward's mask.
+// arithmetic is at::vec. Extra memory is O(B·H·S) plus per-thread tiles and,
+// in the backward, one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer
+// and no per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
+// keyed by (b, h, i, j), so the backward regenerates the forward's mask.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,8 +45,9 @@ namespace {
 // Tile sizes (query rows x keys) of the forward and probs kernels, and of the backward.
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 256;
+constexpr int64_t kTaskRows = 256;  // query rows per forward task (sub-blocks of kBlockM)
 constexpr int64_t kBwdBlockM = 64;
-constexpr int64_t kBwdBlockN = 64;
+constexpr int64_t kBwdBlockN = 256;
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -148,14 +150,14 @@ inline void matmul_release() {
   if (brgemm_available()) at::native::cpublas::brgemm_release(false);
 }
 
-// dst (cols x rows, dense) = src (rows x cols, row stride lds) transposed, in
-// 16 x 16 blocks (at::vec's register transpose where it has one).
+// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)
+// transposed, in 16 x 16 blocks (at::vec's register transpose where it has one).
 template <typename T>
-void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst) {
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t kTile = 16;
   for (int64_t r = 0; r < rows; r += kTile) {
     for (int64_t c = 0; c < cols; c += kTile) {
-      at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * rows + r, rows,
+      at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * ldd + r, ldd,
                                 static_cast<int>(std::min(kTile, rows - r)),
                                 static_cast<int>(std::min(kTile, cols - c)));
     }
@@ -266,13 +268,13 @@ void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h
   }
 }
 
-// The transposed tile: St (n x m, row stride lds) = K Qsᵀ + maskᵀ; Kc is K
-// (n x D, dense), Qt is (scale Q)ᵀ (D x m, row stride ldq).
+// The transposed tile: St (n x m, row stride lds) = K Qsᵀ + maskᵀ; K is n x D
+// (row stride ldk), Qt is (scale Q)ᵀ (D x m, row stride ldq).
 template <typename S, typename T>
 void score_tile_t(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
-                  int64_t m, int64_t j0, int64_t n, const T* Kc, const T* Qt, int64_t ldq, T* St,
-                  int64_t lds) {
-  matmul(n, m, p.D, Kc, p.D, Qt, ldq, St, lds, false);
+                  int64_t m, int64_t j0, int64_t n, const T* K, int64_t ldk, const T* Qt,
+                  int64_t ldq, T* St, int64_t lds) {
+  matmul(n, m, p.D, K, ldk, Qt, ldq, St, lds, false);
   const MaskView& mk = p.mask;
   for (int64_t c = 0; c < n; ++c) {
     const int64_t j = j0 + c;
@@ -345,54 +347,55 @@ __attribute__((flatten)) T exp_shift_sum(T* s, int64_t n, T shift) {
 }
 
 // ---------------------------------------------------------------------------
-// The keys and values of one (b, hkv) in the form the tile products read: Kᵀ
-// in the accumulation type in blocks of kBlockN keys (n_blocks, D, kBlockN),
-// and V rows (in place when the input dtype is the accumulation type, else
-// converted). Each thread keeps one panel and repacks it only when its tasks
-// move on to another (b, hkv), so the query blocks of a head share it and the
-// extra memory is O(threads · Sk · D).
+// Keys j0 .. j0 + n (n <= max_keys) of one (b, hkv) in the forms the tile
+// products read: K and V rows (the input itself when its dtype is the
+// accumulation type, else converted) and Kᵀ (D x n, row stride max_keys).
+// A thread converts a tile once for all the query rows of its task, so the
+// extra memory is O(tile), never O(S).
 
 template <typename S, typename T>
-class KVPanel {
+class KVTile {
  public:
-  KVPanel(const AttnParams& p, bool with_v) : p_(p) {
-    kt_.resize(((p.Sk + kBlockN - 1) / kBlockN) * p.D * kBlockN);
-    if (with_v && !std::is_same_v<S, T>) v_.resize(p.Sk * p.Dv);
-  }
-
-  void load(int64_t b, int64_t hk) {
-    if (b == b_ && hk == hk_) return;
-    b_ = b;
-    hk_ = hk;
-    const S* k = static_cast<const S*>(p_.k.ptr) + b * p_.k.batch + hk * p_.k.head;
-    constexpr int64_t kChunk = 16;  // keys transposed together: contiguous writes
-    static_assert(kBlockN % kChunk == 0, "a chunk must not straddle key blocks");
-    for (int64_t j0 = 0; j0 < p_.Sk; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, p_.Sk - j0);
-      T* kt = kt_.data() + (j0 / kBlockN) * p_.D * kBlockN + j0 % kBlockN;
-      for (int64_t d = 0; d < p_.D; ++d) {
-        for (int64_t jj = 0; jj < n; ++jj) {
-          kt[d * kBlockN + jj] = static_cast<T>(k[(j0 + jj) * p_.k.row + d]);
-        }
-      }
+  KVTile(const AttnParams& p, int64_t max_keys, bool with_v)
+      : p_(p), max_keys_(max_keys), with_v_(with_v), kt_(p.D * max_keys) {
+    if constexpr (!std::is_same_v<S, T>) {
+      kc_.resize(max_keys * p.D);
+      if (with_v) vc_.resize(max_keys * p.Dv);
     }
-    if (!v_.empty()) load_tile<S>(p_.v, b, 0, hk, p_.Sk, p_.Dv, v_.data());
   }
 
-  // Kᵀ tile (D x kBlockN, row stride kBlockN) of the key block starting at j0.
-  const T* kt_tile(int64_t j0) const { return kt_.data() + (j0 / kBlockN) * p_.D * kBlockN; }
-
-  // V rows from key j0 on, and their row stride.
-  const T* v_rows(int64_t j0) const {
-    if (!v_.empty()) return v_.data() + j0 * p_.Dv;
-    return static_cast<const T*>(p_.v.ptr) + b_ * p_.v.batch + j0 * p_.v.row + hk_ * p_.v.head;
+  void load(int64_t b, int64_t hk, int64_t j0, int64_t n) {
+    if constexpr (std::is_same_v<S, T>) {
+      k_ = static_cast<const T*>(p_.k.ptr) + b * p_.k.batch + j0 * p_.k.row + hk * p_.k.head;
+      k_stride_ = p_.k.row;
+      v_ = static_cast<const T*>(p_.v.ptr) + b * p_.v.batch + j0 * p_.v.row + hk * p_.v.head;
+      v_stride_ = p_.v.row;
+    } else {
+      load_tile<S>(p_.k, b, j0, hk, n, p_.D, kc_.data());
+      k_ = kc_.data();
+      k_stride_ = p_.D;
+      if (with_v_) load_tile<S>(p_.v, b, j0, hk, n, p_.Dv, vc_.data());
+      v_ = vc_.data();
+      v_stride_ = p_.Dv;
+    }
+    transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_);
   }
-  int64_t v_stride() const { return v_.empty() ? p_.v.row : p_.Dv; }
+
+  const T* k() const { return k_; }
+  int64_t k_stride() const { return k_stride_; }
+  const T* kt() const { return kt_.data(); }
+  int64_t kt_stride() const { return max_keys_; }
+  const T* v() const { return v_; }
+  int64_t v_stride() const { return v_stride_; }
 
  private:
   const AttnParams& p_;
-  int64_t b_ = -1, hk_ = -1;
-  std::vector<T> kt_, v_;
+  const int64_t max_keys_;
+  const bool with_v_;
+  std::vector<T> kt_, kc_, vc_;
+  const T* k_ = nullptr;
+  const T* v_ = nullptr;
+  int64_t k_stride_ = 0, v_stride_ = 0;
 };
 
 // Grain of an at::parallel_for whose tasks cost `work` multiply-adds each:
@@ -403,8 +406,13 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work, 1));
 }
 
-// First key of the kBlockN-aligned tile that holds key j.
-inline int64_t tile_start(int64_t j) { return j / kBlockN * kBlockN; }
+// Query rows per forward task: the rows of a task share each converted K/V
+// tile, in sub-blocks of kBlockM rows. Small problems take kBlockM rows per
+// task so that every thread gets work.
+inline int64_t task_rows(int64_t heads, int64_t Sq) {
+  const int64_t tasks = heads * ((Sq + kTaskRows - 1) / kTaskRows);
+  return tasks >= 4 * at::get_num_threads() ? kTaskRows : kBlockM;
+}
 
 // ---------------------------------------------------------------------------
 // Forward.
@@ -414,59 +422,66 @@ void forward_kernel(const AttnParams& p) {
   using T = at::opmath_type<S>;
   const Visibility vis{p};
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t m_blocks = (p.Sq + kBlockM - 1) / kBlockM;
+  const int64_t rows = task_rows(p.B * p.Hq, p.Sq);
+  const int64_t m_blocks = (p.Sq + rows - 1) / rows;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  const int64_t grain = grain_for(kBlockM * p.Sk * (p.D + p.Dv));
+  const int64_t grain = grain_for(rows * p.Sk * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
-    KVPanel<S, T> kv(p, true);
-    std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), O(kBlockM * p.Dv), z(kBlockN);
-    std::vector<T> row_m(kBlockM), row_l(kBlockM);
+    KVTile<S, T> kv(p, kBlockN, true);
+    std::vector<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
+    std::vector<T> row_m(rows), row_l(rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
       const int64_t h = (task / m_blocks) % p.Hq;
       const int64_t b = task / (m_blocks * p.Hq);
       const int64_t hk = h / group;
-      const int64_t i0 = mb * kBlockM;
-      const int64_t m = std::min(kBlockM, p.Sq - i0);
+      const int64_t i0 = mb * rows;
+      const int64_t mt = std::min(rows, p.Sq - i0);
       const int64_t j_begin = vis.lo(i0);
-      const int64_t j_end = vis.hi(b, i0 + m - 1);
+      const int64_t j_end = vis.hi(b, i0 + mt - 1);
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
-      const int64_t j_first = j_begin < j_end ? tile_start(j_begin) : j_end;  // no tile if empty
-      if (j_first < j_end) {
-        load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
-        kv.load(b, hk);
-      }
-      for (int64_t j0 = j_first; j0 < j_end; j0 += kBlockN) {
+      if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, mt, p.D, Q.data(), scale);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
-        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN, Sc.data(),
-                      kBlockN);
-        for (int64_t r = 0; r < m; ++r) {
-          T* s = Sc.data() + r * kBlockN;
-          const T m_new = next_max(row_m[r], row_max(s, n));
-          if (m_new == neg_inf<T>()) {  // nothing visible yet in this row
-            std::fill(s, s + n, T(0));
-            continue;
+        kv.load(b, hk, j0, n);
+        for (int64_t r0 = 0; r0 < mt; r0 += kBlockM) {
+          const int64_t m = std::min(kBlockM, mt - r0);
+          // the keys of this tile that rows r0 .. r0 + m see
+          const int64_t s0 = std::max(j0, vis.lo(i0 + r0));
+          const int64_t sn = std::min(j0 + n, vis.hi(b, i0 + r0 + m - 1)) - s0;
+          if (sn <= 0) continue;
+          score_tile<S>(p, vis, b, h, i0 + r0, m, s0, sn, Q.data() + r0 * p.D,
+                        kv.kt() + (s0 - j0), kv.kt_stride(), Sc.data(), kBlockN);
+          for (int64_t r = 0; r < m; ++r) {
+            T* s = Sc.data() + r * kBlockN;
+            T& row_max_r = row_m[r0 + r];
+            const T m_new = next_max(row_max_r, row_max(s, sn));
+            if (m_new == neg_inf<T>()) {  // nothing visible yet in this row
+              std::fill(s, s + sn, T(0));
+              continue;
+            }
+            const T alpha = m_new == row_max_r ? T(1) : std::exp(row_max_r - m_new);
+            row_l[r0 + r] = row_l[r0 + r] * alpha + exp_shift_sum(s, sn, m_new);
+            row_max_r = m_new;
+            if (alpha != T(1)) {
+              T* o = O.data() + (r0 + r) * p.Dv;
+              at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
+            }
+            if (dropout) {
+              dropout_row(p, b * p.Hq + h, i0 + r0 + r, s0, sn, z.data());
+              at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), sn);
+            }
           }
-          const T alpha = m_new == row_m[r] ? T(1) : std::exp(row_m[r] - m_new);
-          row_l[r] = row_l[r] * alpha + exp_shift_sum(s, n, m_new);
-          row_m[r] = m_new;
-          if (alpha != T(1)) {
-            T* o = O.data() + r * p.Dv;
-            at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
-          }
-          if (dropout) {
-            dropout_row(p, b * p.Hq + h, i0 + r, j0, n, z.data());
-            at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), n);
-          }
+          matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * kv.v_stride(),
+                 kv.v_stride(), O.data() + r0 * p.Dv, p.Dv, true);
         }
-        matmul(m, p.Dv, n, Sc.data(), kBlockN, kv.v_rows(j0), kv.v_stride(), O.data(), p.Dv, true);
       }
       S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + h * p.out.head;
       T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
-      for (int64_t r = 0; r < m; ++r) {
+      for (int64_t r = 0; r < mt; ++r) {
         const bool dead = row_l[r] == T(0);
         from_acc(O.data() + r * p.Dv, out + (i0 + r) * p.out.row, p.Dv,
                  dead ? T(0) : T(1) / row_l[r]);
@@ -507,17 +522,20 @@ void backward_kernel(const AttnBwdParams& p) {
   });
 
   // Tasks: one per (b, hkv) when that gives every thread work, else one per
-  // (b, hkv, key block). Every tile is computed transposed (keys as rows), so
-  // that no product needs a transposed operand: Sᵀ = K (scale Q)ᵀ, dPᵀ = V dOᵀ,
-  // dV += (P∘Z)ᵀ dO, dK += dSᵀ (scale Q), dQᵀ += Kᵀ dSᵀ (scaled at the end). A
-  // task converts its head's Q and dO rows (and their transposes) once.
-  // dQᵀ is accumulated in the accumulation type: with one task per (b, hkv)
-  // the task owns its heads, so a (D, Sq) buffer per thread serves and is
-  // written to dq when the head is done; with split key blocks each thread
-  // sums into its own (B, Hq, D, Sq) buffer, added in thread order at the
-  // end. The mask gradient, which broadcast dims may share between heads,
-  // always goes through per-thread buffers. Deterministic for a given thread
-  // count.
+  // (b, hkv, key block). A task visits the heads of its group in turn, and for
+  // each its key blocks (converted once per block) and, inside, the query tiles
+  // that see them (converted per tile, so nothing of size S is held). Every
+  // tile is computed transposed (keys as rows), so that no product needs a
+  // transposed operand: Sᵀ = K (scale Q)ᵀ, dPᵀ = V dOᵀ, dV += (P∘Z)ᵀ dO,
+  // dK += dSᵀ (scale Q), dQᵀ += Kᵀ dSᵀ (scaled at the end). dK, dV are summed
+  // over the group's heads per key block (over the task's keys when the group
+  // has several heads) and written after its last head. dQᵀ is accumulated in
+  // the accumulation type: with one task per (b, hkv) the task owns its heads,
+  // so a (D, Sq) buffer per thread serves and is written to dq when the head
+  // is done; with split key blocks each thread sums into its own
+  // (B, Hq, D, Sq) buffer, added in thread order at the end. The mask
+  // gradient, which broadcast dims may share between heads, always goes
+  // through per-thread buffers. Deterministic for a given thread count.
   const int64_t threads = at::get_num_threads();
   const int64_t n_blocks = (p.Sk + kBwdBlockN - 1) / kBwdBlockN;
   const bool split_keys = p.B * p.Hkv < 2 * threads;
@@ -526,12 +544,16 @@ void backward_kernel(const AttnBwdParams& p) {
   const int64_t dq_size = p.B * p.Hq * p.D * p.Sq;
   std::vector<T> dqt_acc(split_keys ? threads * dq_size : 0, T(0));
   S* dq = static_cast<S*>(p.dq.ptr);
-  // dq rows [i_begin, i_end) of head (b, h) = scale * dqt (D, Sq)ᵀ; rows is scratch.
+  // dq rows [i_begin, i_end) of head (b, h) = scale * dqt (D, Sq)ᵀ, kBwdBlockM
+  // rows at a time through `rows` (kBwdBlockM x D scratch).
   auto store_dq = [&](const T* dqt, int64_t b, int64_t h, int64_t i_begin, int64_t i_end,
                       T* rows) {
-    transpose(dqt + i_begin, p.D, i_end - i_begin, p.Sq, rows);
-    for (int64_t i = i_begin; i < i_end; ++i) {
-      from_acc(rows + (i - i_begin) * p.D, dq + ((b * p.Sq + i) * p.Hq + h) * p.D, p.D, scale);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockM) {
+      const int64_t m = std::min(kBwdBlockM, i_end - i0);
+      transpose(dqt + i0, p.D, m, p.Sq, rows, p.D);
+      for (int64_t r = 0; r < m; ++r) {
+        from_acc(rows + r * p.D, dq + ((b * p.Sq + i0 + r) * p.Hq + h) * p.D, p.D, scale);
+      }
     }
   };
   const bool want_dmask = p.dmask.ptr != nullptr;
@@ -542,15 +564,18 @@ void backward_kernel(const AttnBwdParams& p) {
                  : 0;
   std::vector<T> dmask_acc(threads * dmask_size, T(0));
 
-  const int64_t grain = grain_for(blocks_per_task * kBwdBlockN * p.Sq * (p.D + p.Dv) * 2 * group);
+  const int64_t task_keys = blocks_per_task * kBwdBlockN;
+  // dK, dV accumulators: one key block, or the task's keys when heads share them.
+  const int64_t acc_keys = group > 1 ? task_keys : kBwdBlockN;
+  const int64_t grain = grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group);
   at::parallel_for(0, p.B * p.Hkv * tasks_per_head, grain, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    std::vector<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(p.Sq * p.D);
+    std::vector<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(kBwdBlockM * p.D);
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
-    const int64_t task_keys = blocks_per_task * kBwdBlockN;
-    std::vector<T> Qh(p.Sq * p.D), Qt(p.D * p.Sq), dOh(p.Sq * p.Dv), dOt(p.Dv * p.Sq);
-    std::vector<T> Kc(kBwdBlockN * p.D), Kt(p.D * kBwdBlockN), Vc(kBwdBlockN * p.Dv);
-    std::vector<T> dK(task_keys * p.D), dV(task_keys * p.Dv);
+    KVTile<S, T> kv(p, kBwdBlockN, true);
+    std::vector<T> Qc(kBwdBlockM * p.D), Qt(p.D * kBwdBlockM);
+    std::vector<T> dOc(kBwdBlockM * p.Dv), dOt(p.Dv * kBwdBlockM);
+    std::vector<T> dK(acc_keys * p.D), dV(acc_keys * p.Dv);
     std::vector<T> St(kBwdBlockN * kBwdBlockM), dPt(kBwdBlockN * kBwdBlockM);
     std::vector<T> Z(kBwdBlockM * kBwdBlockN), shift(kBwdBlockM);
     for (int64_t task = begin; task < end; ++task) {
@@ -562,35 +587,32 @@ void backward_kernel(const AttnBwdParams& p) {
       const int64_t i_begin = vis.first_row(j_lo);
       const int64_t i_end = vis.last_row(j_hi);
       if (i_begin >= i_end) continue;
-      const int64_t rows = i_end - i_begin;
-      std::fill(dK.begin(), dK.end(), T(0));
-      std::fill(dV.begin(), dV.end(), T(0));
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
         const T* dl = delta + (b * p.Hq + h) * p.Sq;
-        load_tile<S>(p.q, b, i_begin, h, rows, p.D, Qh.data(), scale);
-        load_tile<S>(p.dout, b, i_begin, h, rows, p.Dv, dOh.data());
-        transpose(Qh.data(), rows, p.D, p.D, Qt.data());
-        transpose(dOh.data(), rows, p.Dv, p.Dv, dOt.data());
         T* dqt = split_keys ? dqt_acc.data() + tid * dq_size + (b * p.Hq + h) * p.D * p.Sq
                             : dqt_head.data();
         if (!split_keys) std::fill(dqt_head.begin(), dqt_head.end(), T(0));
         for (int64_t j0 = j_lo; j0 < j_hi; j0 += kBwdBlockN) {
           const int64_t n = std::min(kBwdBlockN, j_hi - j0);
+          T* dKb = dK.data() + (group > 1 ? j0 - j_lo : 0) * p.D;
+          T* dVb = dV.data() + (group > 1 ? j0 - j_lo : 0) * p.Dv;
+          if (h == hk * group) {
+            std::fill(dKb, dKb + n * p.D, T(0));
+            std::fill(dVb, dVb + n * p.Dv, T(0));
+          }
           const int64_t bi_begin = std::max(i_begin, vis.first_row(j0));
           const int64_t bi_end = std::min(i_end, vis.last_row(j0 + n));
-          if (bi_begin >= bi_end) continue;
-          load_tile<S>(p.k, b, j0, hk, n, p.D, Kc.data());
-          load_tile<S>(p.v, b, j0, hk, n, p.Dv, Vc.data());
-          transpose(Kc.data(), n, p.D, p.D, Kt.data());
-          T* dKb = dK.data() + (j0 - j_lo) * p.D;
-          T* dVb = dV.data() + (j0 - j_lo) * p.Dv;
+          if (bi_begin < bi_end) kv.load(b, hk, j0, n);
           for (int64_t i0 = bi_begin; i0 < bi_end; i0 += kBwdBlockM) {
             const int64_t m = std::min(kBwdBlockM, bi_end - i0);
-            const int64_t r0 = i0 - i_begin;  // first row of the tile in Qh, dOh
-            score_tile_t<S>(p, vis, b, h, i0, m, j0, n, Kc.data(), Qt.data() + r0, rows,
+            load_tile<S>(p.q, b, i0, h, m, p.D, Qc.data(), scale);
+            load_tile<S>(p.dout, b, i0, h, m, p.Dv, dOc.data());
+            transpose(Qc.data(), m, p.D, p.D, Qt.data(), m);
+            transpose(dOc.data(), m, p.Dv, p.Dv, dOt.data(), m);
+            score_tile_t<S>(p, vis, b, h, i0, m, j0, n, kv.k(), kv.k_stride(), Qt.data(), m,
                             St.data(), kBwdBlockM);
-            matmul(n, m, p.Dv, Vc.data(), p.Dv, dOt.data() + r0, rows, dPt.data(), kBwdBlockM,
+            matmul(n, m, p.Dv, kv.v(), kv.v_stride(), dOt.data(), m, dPt.data(), kBwdBlockM,
                    false);
             // P = exp(S - lse), forced to 0 on rows that see no key (lse = -inf).
             bool nan_rows = false;
@@ -634,19 +656,21 @@ void backward_kernel(const AttnBwdParams& p) {
                 for (int64_t r = 0; r < m; ++r) dm[r * p.dmask.row] += dpr[r];
               }
             }
-            matmul(n, p.Dv, m, St.data(), kBwdBlockM, dOh.data() + r0 * p.Dv, p.Dv, dVb, p.Dv,
+            matmul(n, p.Dv, m, St.data(), kBwdBlockM, dOc.data(), p.Dv, dVb, p.Dv, true);
+            matmul(n, p.D, m, dPt.data(), kBwdBlockM, Qc.data(), p.D, dKb, p.D, true);
+            matmul(p.D, m, n, kv.kt(), kv.kt_stride(), dPt.data(), kBwdBlockM, dqt + i0, p.Sq,
                    true);
-            matmul(n, p.D, m, dPt.data(), kBwdBlockM, Qh.data() + r0 * p.D, p.D, dKb, p.D, true);
-            matmul(p.D, m, n, Kt.data(), n, dPt.data(), kBwdBlockM, dqt + i0, p.Sq, true);
+          }
+          if (h == (hk + 1) * group - 1) {  // the group's last head: dK, dV of the block are done
+            S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j0 * p.dk.row + hk * p.dk.head;
+            S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j0 * p.dv.row + hk * p.dv.head;
+            for (int64_t c = 0; c < n; ++c) {
+              from_acc(dKb + c * p.D, dk + c * p.dk.row, p.D, T(1));
+              from_acc(dVb + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
+            }
           }
         }
         if (!split_keys) store_dq(dqt, b, h, i_begin, i_end, dq_rows.data());
-      }
-      S* dk = static_cast<S*>(p.dk.ptr) + b * p.dk.batch + j_lo * p.dk.row + hk * p.dk.head;
-      S* dv = static_cast<S*>(p.dv.ptr) + b * p.dv.batch + j_lo * p.dv.row + hk * p.dv.head;
-      for (int64_t c = 0; c < j_hi - j_lo; ++c) {
-        from_acc(dK.data() + c * p.D, dk + c * p.dk.row, p.D, T(1));
-        from_acc(dV.data() + c * p.Dv, dv + c * p.dv.row, p.Dv, T(1));
       }
     }
     matmul_release();
@@ -656,15 +680,14 @@ void backward_kernel(const AttnBwdParams& p) {
   if (split_keys) {
     at::parallel_for(0, p.B * p.Hq, grain_for(threads * p.D * p.Sq), [&](int64_t begin,
                                                                           int64_t end) {
-      std::vector<T> sum(p.D * p.Sq), rows(p.Sq * p.D);
+      std::vector<T> rows(kBwdBlockM * p.D);
       for (int64_t bh = begin; bh < end; ++bh) {
-        const T* first = dqt_acc.data() + bh * p.D * p.Sq;
-        std::copy(first, first + p.D * p.Sq, sum.begin());
+        T* sum = dqt_acc.data() + bh * p.D * p.Sq;
         for (int64_t t = 1; t < threads; ++t) {
-          const T* acc = first + t * dq_size;
+          const T* acc = sum + t * dq_size;
           for (int64_t idx = 0; idx < p.D * p.Sq; ++idx) sum[idx] += acc[idx];
         }
-        store_dq(sum.data(), bh / p.Hq, bh % p.Hq, 0, p.Sq, rows.data());
+        store_dq(sum, bh / p.Hq, bh % p.Hq, 0, p.Sq, rows.data());
       }
     });
   }
@@ -689,7 +712,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
   const T scale = static_cast<T>(p.scale);
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain_for(kBlockM * p.Sk * p.D),
                    [&](int64_t begin, int64_t end) {
-    KVPanel<S, T> kv(p, false);
+    KVTile<S, T> kv(p, kBlockN, false);
     std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
@@ -709,13 +732,13 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
         continue;
       }
       load_tile<S>(p.q, b, i0, h, m, p.D, Q.data(), scale);
-      kv.load(b, hk);
       if (compute_lse) {
         std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
         std::fill(row_l.begin(), row_l.end(), T(0));
-        for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
           const int64_t n = std::min(kBlockN, j_end - j0);
-          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN,
+          kv.load(b, hk, j0, n);
+          score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt(), kv.kt_stride(),
                         Sc.data(), kBlockN);
           for (int64_t r = 0; r < m; ++r) {
             T* s = Sc.data() + r * kBlockN;
@@ -729,9 +752,10 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
           lse[r] = row_l[r] == T(0) ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
         }
       }
-      for (int64_t j0 = tile_start(j_begin); j0 < j_end; j0 += kBlockN) {
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
-        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt_tile(j0), kBlockN,
+        kv.load(b, hk, j0, n);
+        score_tile<S>(p, vis, b, h, i0, m, j0, n, Q.data(), kv.kt(), kv.kt_stride(),
                       Sc.data(), kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           if (lse[r] == neg_inf<T>()) continue;
