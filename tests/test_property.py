@@ -263,7 +263,8 @@ def _check(fused, ref, inputs, name, c, few_keys, summed_mask_grad=False):
         floor_mult = max(floor_mult, math.sqrt(max(1, c["B"] * c["Hq"] * c["Sq"])))
     _check_loose(fused, ref, inputs, name, problem_dtype=c["dtype"],
                  factor=FEW_KEYS_FACTOR if (few_keys or summed_mask_grad) else LOWP_FACTOR,
-                 floor_mult=floor_mult, summed_mask_grad=summed_mask_grad)
+                 floor_mult=floor_mult, summed_mask_grad=summed_mask_grad,
+                 scale=c["scale_value"], rows=rows)
 
 
 def _half_ulp(dtype):
@@ -271,17 +272,19 @@ def _half_ulp(dtype):
 
 
 def _check_loose(fused_fn, ref_fn, inputs, name, problem_dtype, factor, floor_mult,
-                 summed_mask_grad=False):
+                 summed_mask_grad, scale, rows):
     """check_against_reference's comparison with the looser bound
     max(atol_floor(problem dtype) * floor_mult * max(1, |golden|),
         factor x the same-dtype reference's error),
     floor_mult = max(1, scale) * sqrt(Sq * Hq / Hkv) for rows that effectively
     see < 3 keys.
-    A float16/bfloat16 mask gradient summed over the keys (inputs[3]) adds the
-    residue of delta's rounded O: summed over rows, sum_j dS_ij = dO_i . (O_i -
-    round(O_i)), whose rounding errors are independent with std <= u |O| / sqrt(3)
-    (u the dtype's unit roundoff), so 5 standard deviations of the sum over all
-    rows: 5 u / sqrt(3) * ||dO * O||. Every bound adds half an ulp of the
+    In float16/bfloat16 the bounds add the residue of delta's rounded O: row i's
+    dS_ij carries P_ij * r_i with r_i = dO_i . (O_i - round(O_i)), whose rounding
+    errors are independent with std <= u |O| / sqrt(3) (u the dtype's unit
+    roundoff); with R = 5 standard deviations of one row's r_i, dq gets
+    scale * R * max|k|, dk scale * R * max|q| * sqrt(rows), and a mask
+    gradient summed over the keys (inputs[3]) the sum over all rows,
+    5 u / sqrt(3) * ||dO * O||. Every bound adds half an ulp of the
     result's dtype at the golden's magnitude: the fused result is rounded to
     that dtype once more than the float64 golden.
 
@@ -323,9 +326,13 @@ def _check_loose(fused_fn, ref_fn, inputs, name, problem_dtype, factor, floor_mu
     g_lp = torch.autograd.grad(lp, [xs_lp[i] for i in grad_inputs], dout)
     g_64 = torch.autograd.grad(gold, [xs_64[i] for i in grad_inputs], dout.double())
     residue = {}
-    if summed_mask_grad and problem_dtype in LOWP:
-        u = _half_ulp(problem_dtype)
-        residue[3] = 5 * u / math.sqrt(3) * (dout.double() * out.double()).norm().item()
+    if problem_dtype in LOWP:
+        sigma = _half_ulp(problem_dtype) / math.sqrt(3) * (dout.double() * out.double())
+        row_r = 5 * sigma.norm(dim=-1).max().item() if sigma.numel() else 0.0
+        residue[0] = scale * row_r * inputs[1].detach().abs().max().item()
+        residue[1] = scale * row_r * inputs[0].detach().abs().max().item() * math.sqrt(rows)
+        if summed_mask_grad:
+            residue[3] = 5 * sigma.norm().item()
     for i, a, b, gd in zip(grad_inputs, g, g_lp, g_64):
         close(f"{name} grad of input {i}", a, b, gd, residue.get(i, 0.0))
 
