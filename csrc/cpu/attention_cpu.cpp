@@ -346,6 +346,32 @@ __attribute__((flatten)) T exp_shift_sum(T* s, int64_t n, T shift) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
 }
 
+// On a transposed tile (n keys x m queries, row stride ld): St = Pᵀ =
+// exp(Sᵀ - shift) and dPt = dSᵀ = Pᵀ ∘ (dPᵀ - delta), in place; shift and
+// delta are per query (column). One pass, the column vectors held in registers.
+template <typename T>
+__attribute__((flatten)) void softmax_grad_tile(T* St, T* dPt, int64_t n, int64_t m, int64_t ld,
+                                                const T* shift, const T* delta) {
+  constexpr int64_t kVec = Vec<T>::size();
+  for (int64_t r = 0; r < m; r += kVec) {
+    const int64_t cnt = std::min(kVec, m - r);
+    const Vec<T> sh = Vec<T>::loadu(shift + r, cnt), dl = Vec<T>::loadu(delta + r, cnt);
+    for (int64_t c = 0; c < n; ++c) {
+      T* pr = St + c * ld + r;
+      T* dpr = dPt + c * ld + r;
+      if (cnt == kVec) {
+        const Vec<T> pv = vexp(Vec<T>::loadu(pr) - sh);
+        pv.store(pr);
+        (pv * (Vec<T>::loadu(dpr) - dl)).store(dpr);
+      } else {
+        const Vec<T> pv = vexp(Vec<T>::loadu(pr, cnt) - sh);
+        pv.store(pr, cnt);
+        (pv * (Vec<T>::loadu(dpr, cnt) - dl)).store(dpr, cnt);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Keys j0 .. j0 + n (n <= max_keys) of one (b, hkv) in the forms the tile
 // products read: K and V rows (the input itself when its dtype is the
@@ -628,33 +654,30 @@ void backward_kernel(const AttnBwdParams& p) {
                 dropout_row(p, b * p.Hq + h, i0 + r, j0, n, Z.data() + r * kBwdBlockN);
               }
             }
-            for (int64_t c = 0; c < n; ++c) {
-              T* pr = St.data() + c * kBwdBlockM;
-              T* dpr = dPt.data() + c * kBwdBlockM;
-              at::vec::map2([](Vec<T> x, Vec<T> l) { return vexp(x - l); }, pr, pr,
-                            shift.data(), m);
-              if (nan_rows) {
-                for (int64_t r = 0; r < m; ++r) {
-                  if (std::isnan(shift[r])) pr[r] = shift[r];
-                }
+            // Z ∘ dPᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - delta) in dPt and Pᵀ in St, then (P∘Z)ᵀ
+            // in St for dV.
+            auto each = [&](auto fn) {
+              for (int64_t c = 0; c < n; ++c) {
+                for (int64_t r = 0; r < m; ++r) fn(c, r, c * kBwdBlockM + r);
               }
-              if (dropout) {
-                for (int64_t r = 0; r < m; ++r) {
-                  const T z = Z[r * kBwdBlockN + c];
-                  dpr[r] *= z;
-                }
-              }
-              // dSᵀ = Pᵀ ∘ (dPᵀ∘Z - delta), kept in dPt; (P∘Z)ᵀ (for dV) kept in St.
-              at::vec::map3([](Vec<T> x, Vec<T> y, Vec<T> d) { return x * (y - d); }, dpr, pr,
-                            dpr, dl + i0, m);
-              if (dropout) {
-                for (int64_t r = 0; r < m; ++r) pr[r] *= Z[r * kBwdBlockN + c];
-              }
-              if (want_dmask) {
-                T* dm = dmask_t + b * p.dmask.batch + h * p.dmask.head + i0 * p.dmask.row +
-                        (j0 + c) * p.dmask.col;
-                for (int64_t r = 0; r < m; ++r) dm[r * p.dmask.row] += dpr[r];
-              }
+            };
+            if (dropout) {
+              each([&](int64_t c, int64_t r, int64_t e) { dPt[e] *= Z[r * kBwdBlockN + c]; });
+            }
+            softmax_grad_tile(St.data(), dPt.data(), n, m, kBwdBlockM, shift.data(), dl + i0);
+            if (nan_rows) {
+              each([&](int64_t, int64_t r, int64_t e) {
+                if (std::isnan(shift[r])) St[e] = dPt[e] = shift[r];
+              });
+            }
+            if (dropout) {
+              each([&](int64_t c, int64_t r, int64_t e) { St[e] *= Z[r * kBwdBlockN + c]; });
+            }
+            if (want_dmask) {
+              each([&](int64_t c, int64_t r, int64_t e) {
+                dmask_t[b * p.dmask.batch + h * p.dmask.head + (i0 + r) * p.dmask.row +
+                        (j0 + c) * p.dmask.col] += dPt[e];
+              });
             }
             matmul(n, p.Dv, m, St.data(), kBwdBlockM, dOc.data(), p.Dv, dVb, p.Dv, true);
             matmul(n, p.D, m, dPt.data(), kBwdBlockM, Qc.data(), p.D, dKb, p.D, true);
