@@ -374,19 +374,20 @@ __attribute__((flatten)) void softmax_grad_tile(T* St, T* dPt, int64_t n, int64_
 
 // ---------------------------------------------------------------------------
 // Keys j0 .. j0 + n (n <= max_keys) of one (b, hkv) in the forms the tile
-// products read: K and V rows (the input itself when its dtype is the
-// accumulation type, else converted) and Kᵀ (D x n, row stride max_keys).
-// A thread converts a tile once for all the query rows of its task, so the
-// extra memory is O(tile), never O(S).
+// products read: Kᵀ (D x n, row stride max_keys), V rows if `values` and K
+// rows if `key_rows`. K and V rows are the input itself when its dtype is the
+// accumulation type, else converted; without `key_rows` K is converted 16
+// rows at a time on its way to Kᵀ. A thread converts a tile once for all the
+// query rows of its task, so the extra memory is O(tile), never O(S).
 
 template <typename S, typename T>
 class KVTile {
  public:
-  KVTile(const AttnParams& p, int64_t max_keys, bool with_v)
-      : p_(p), max_keys_(max_keys), with_v_(with_v), kt_(p.D * max_keys) {
+  KVTile(const AttnParams& p, int64_t max_keys, bool key_rows, bool values)
+      : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values), kt_(p.D * max_keys) {
     if constexpr (!std::is_same_v<S, T>) {
-      kc_.resize(max_keys * p.D);
-      if (with_v) vc_.resize(max_keys * p.Dv);
+      kc_.resize((key_rows ? max_keys : kChunk) * p.D);
+      if (values) vc_.resize(max_keys * p.Dv);
     }
   }
 
@@ -396,15 +397,20 @@ class KVTile {
       k_stride_ = p_.k.row;
       v_ = static_cast<const T*>(p_.v.ptr) + b * p_.v.batch + j0 * p_.v.row + hk * p_.v.head;
       v_stride_ = p_.v.row;
+      transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_);
     } else {
-      load_tile<S>(p_.k, b, j0, hk, n, p_.D, kc_.data());
-      k_ = kc_.data();
+      const int64_t chunk = key_rows_ ? n : kChunk;
+      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t rows = std::min(chunk, n - c0);
+        load_tile<S>(p_.k, b, j0 + c0, hk, rows, p_.D, kc_.data());
+        transpose(kc_.data(), rows, p_.D, p_.D, kt_.data() + c0, max_keys_);
+      }
+      k_ = key_rows_ ? kc_.data() : nullptr;
       k_stride_ = p_.D;
-      if (with_v_) load_tile<S>(p_.v, b, j0, hk, n, p_.Dv, vc_.data());
+      if (values_) load_tile<S>(p_.v, b, j0, hk, n, p_.Dv, vc_.data());
       v_ = vc_.data();
       v_stride_ = p_.Dv;
     }
-    transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_);
   }
 
   const T* k() const { return k_; }
@@ -415,9 +421,10 @@ class KVTile {
   int64_t v_stride() const { return v_stride_; }
 
  private:
+  static constexpr int64_t kChunk = 16;
   const AttnParams& p_;
   const int64_t max_keys_;
-  const bool with_v_;
+  const bool key_rows_, values_;
   std::vector<T> kt_, kc_, vc_;
   const T* k_ = nullptr;
   const T* v_ = nullptr;
@@ -454,7 +461,7 @@ void forward_kernel(const AttnParams& p) {
   const T scale = static_cast<T>(p.scale);
   const int64_t grain = grain_for(rows * p.Sk * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
-    KVTile<S, T> kv(p, kBlockN, true);
+    KVTile<S, T> kv(p, kBlockN, false, true);
     std::vector<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(rows), row_l(rows);
     for (int64_t task = begin; task < end; ++task) {
@@ -598,7 +605,7 @@ void backward_kernel(const AttnBwdParams& p) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
     std::vector<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(kBwdBlockM * p.D);
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
-    KVTile<S, T> kv(p, kBwdBlockN, true);
+    KVTile<S, T> kv(p, kBwdBlockN, true, true);
     std::vector<T> Qc(kBwdBlockM * p.D), Qt(p.D * kBwdBlockM);
     std::vector<T> dOc(kBwdBlockM * p.Dv), dOt(p.Dv * kBwdBlockM);
     std::vector<T> dK(acc_keys * p.D), dV(acc_keys * p.Dv);
@@ -735,7 +742,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
   const T scale = static_cast<T>(p.scale);
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain_for(kBlockM * p.Sk * p.D),
                    [&](int64_t begin, int64_t end) {
-    KVTile<S, T> kv(p, kBlockN, false);
+    KVTile<S, T> kv(p, kBlockN, false, false);
     std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
