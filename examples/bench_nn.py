@@ -9,26 +9,26 @@ SDPA's fused CPU kernel) and need_weights=True (torch's default: the math path,
 returning the weights), and TransformerEncoderLayer (post-norm, ReLU, dropout
 0). Both modules of a pair hold the same weights and see the same inputs.
 
-Time: torch.utils.benchmark (medians; selfattn and torch alternate, three
-rounds each, so drifting machine load hits both). Peak memory: each case runs
-once in a fresh subprocess, which resets its peak resident set (VmHWM, via
-/proc/self/clear_refs) before the step and reports how far the step raised
-it: everything the step allocates (activations saved for backward,
-temporaries, gradients), which torch's own counters do not offer on CPU.
-Linux only.
+Time: medians of torch.utils.benchmark runs, selfattn and torch alternating
+for three rounds so that drifting machine load hits both
+(selfattn._measure.median_seconds, as in benchmarks/bench_attention.py). Peak
+memory: each case runs once in a fresh subprocess, which resets its peak
+resident set (VmHWM, via /proc/self/clear_refs) before the step and reports
+how far the step raised it (selfattn._measure.peak_bytes): everything the step
+allocates (activations saved for backward, temporaries, gradients), which
+torch's own counters do not offer on CPU. Linux only.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 
 import torch
-import torch.utils.benchmark as benchmark
 
 from selfattn import nn as sa
+from selfattn._measure import median_seconds, peak_bytes
 
 CASES = {
     "MultiheadAttention need_weights=False": ("mha", False),
@@ -63,22 +63,10 @@ def step_fn(kind, need_weights, module, x):
     return step
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_memory_child(case, impl, args):
-    """Runs in a subprocess: MiB the peak RSS grows during one step. The peak
-    (VmHWM) is reset first, so that importing torch does not mask it."""
+    """Runs in a subprocess: MiB the peak RSS grows during one step."""
     kind, need_weights = CASES[case]
-    module, x = build(kind, impl, args)
-    step = step_fn(kind, need_weights, module, x)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    rss_before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - rss_before) / 1024
+    return peak_bytes(step_fn(kind, need_weights, *build(kind, impl, args))) / 2**20
 
 
 def peak_memory(case, impl, args):
@@ -91,15 +79,10 @@ def peak_memory(case, impl, args):
 def time_pair(case, args, rounds=3):
     """Median seconds per step of (selfattn, torch), alternating."""
     kind, need_weights = CASES[case]
-    steps = {impl: step_fn(kind, need_weights, *build(kind, impl, args))
-             for impl in ("selfattn", "torch")}
-    times = {impl: [] for impl in steps}
-    for _ in range(rounds):
-        for impl, step in steps.items():
-            t = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads(),
-                                label=case, description=impl)
-            times[impl].append(t.blocked_autorange(min_run_time=args.min_run_time).median)
-    return statistics.median(times["selfattn"]), statistics.median(times["torch"])
+    t = median_seconds({impl: step_fn(kind, need_weights, *build(kind, impl, args))
+                        for impl in ("selfattn", "torch")},
+                       rounds=rounds, min_run_time=args.min_run_time)
+    return t["selfattn"], t["torch"]
 
 
 def main(argv=None):

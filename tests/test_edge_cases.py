@@ -16,7 +16,7 @@ import torch
 import selfattn
 from selfattn import reference
 
-from helpers import ATOL_FLOOR, check_against_reference, max_err, rand
+from helpers import ATOL_FLOOR, check, check_against_reference, max_err, qkv_maker
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 ALL = [F32, F64, BF16, F16]
@@ -29,22 +29,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-def qkv(B=2, Sq=13, Sk=17, Hq=4, Hkv=2, D=16, Dv=None, dtype=F32, requires_grad=True):
-    Dv = D if Dv is None else Dv
-    return [rand(B, Sq, Hq, D, dtype=dtype, requires_grad=requires_grad),
-            rand(B, Sk, Hkv, D, dtype=dtype, requires_grad=requires_grad),
-            rand(B, Sk, Hkv, Dv, dtype=dtype, requires_grad=requires_grad)]
-
-
-def check(inputs, **kw):
-    """check_against_reference of attention(q, k, v[, attn_mask], **kw)."""
-    def fused(q, k, v, *m):
-        return selfattn.attention(q, k, v, attn_mask=m[0] if m else None, **kw)
-
-    def ref(q, k, v, *m):
-        return reference.attention(q, k, v, attn_mask=m[0] if m else None, **kw)
-
-    check_against_reference(fused, ref, inputs)
+qkv = qkv_maker(B=2, Sq=13, Sk=17, Hq=4, Hkv=2, D=16)
 
 
 def run_both(inputs, mask=None, grad_out=None, **kw):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import selfattn
 from selfattn import reference
 
-from helpers import assert_close_to_golden, check_against_reference, rand
+from helpers import assert_close_to_golden, check, check_against_reference, qkv_maker, rand
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 NEG_INF = float("-inf")
@@ -27,23 +27,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-def qkv(B=2, Sq=33, Sk=47, Hq=4, Hkv=2, D=32, Dv=None, dtype=F32, requires_grad=True):
-    Dv = D if Dv is None else Dv
-    return [rand(B, Sq, Hq, D, dtype=dtype, requires_grad=requires_grad),
-            rand(B, Sk, Hkv, D, dtype=dtype, requires_grad=requires_grad),
-            rand(B, Sk, Hkv, Dv, dtype=dtype, requires_grad=requires_grad)]
-
-
-def check(inputs, **kw):
-    """check_against_reference of attention(q, k, v, attn_mask=inputs[3], **kw)
-    (inputs[3] optional)."""
-    def fused(q, k, v, *mask):
-        return selfattn.attention(q, k, v, attn_mask=mask[0] if mask else None, **kw)
-
-    def ref(q, k, v, *mask):
-        return reference.attention(q, k, v, attn_mask=mask[0] if mask else None, **kw)
-
-    check_against_reference(fused, ref, inputs)
+qkv = qkv_maker(B=2, Sq=33, Sk=47, Hq=4, Hkv=2, D=32)
 
 
 # ---------------------------------------------------------------------------
