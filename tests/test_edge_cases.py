@@ -296,20 +296,25 @@ def _golden(inputs, **kw):
     return out, xs
 
 
+def _assert_all_rel(q, k, v, rel, **kw):
+    """out, dq, dk, dv of selfattn.attention within `rel` (relative to the
+    golden's magnitude) of the float64 reference, for a random cotangent."""
+    out = selfattn.attention(q, k, v, **kw)
+    gold, xs = _golden([q, k, v], **kw)
+    go = torch.randn(out.shape)
+    g = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
+    g64 = torch.autograd.grad(gold, xs, go.double())
+    assert_rel("out", out, gold, rel)
+    for n, a, b in zip(("dq", "dk", "dv"), g, g64):
+        assert_rel(n, a, b, rel)
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=IDS.get)
 def test_values_near_float16_limit(dtype):
     # v ~ U(-3e4, 3e4) (float16 max 65504): out, dq, dk, dv finite and accurate
     q, k, _ = qkv(Sq=37, Sk=37, D=64, dtype=dtype)
     v = ((torch.rand(2, 37, 2, 64) * 2 - 1) * 3e4).to(dtype).requires_grad_()
-    out = selfattn.attention(q, k, v)
-    gold, xs = _golden([q, k, v])
-    go = torch.randn(out.shape)
-    g = torch.autograd.grad(out, (q, k, v), go.to(dtype))
-    g64 = torch.autograd.grad(gold, xs, go.double())
-    rel = 2 * ATOL_FLOOR[dtype]
-    assert_rel("out", out, gold, rel)
-    for n, a, b in zip(("dq", "dk", "dv"), g, g64):
-        assert_rel(n, a, b, rel)
+    _assert_all_rel(q, k, v, 2 * ATOL_FLOOR[dtype])
 
 
 @pytest.mark.parametrize("dtype,mag,scale", [(F16, 100.0, None), (F16, 100.0, 1e-4),
@@ -321,16 +326,8 @@ def test_large_q_k_in_low_precision(dtype, mag, scale):
     q, k, v = qkv(Sq=37, Sk=37, D=64, dtype=F32)
     q, k = (t.detach().mul(mag).to(dtype).requires_grad_() for t in (q, k))
     v = v.detach().to(dtype).requires_grad_()
-    out = selfattn.attention(q, k, v, scale=scale)
-    gold, xs = _golden([q, k, v], scale=scale)
-    go = torch.randn(out.shape)
-    g = torch.autograd.grad(out, (q, k, v), go.to(dtype))
-    g64 = torch.autograd.grad(gold, xs, go.double())
     # peaked softmax of rounded inputs: 1 ulp of the output magnitude
-    rel = 4 * ATOL_FLOOR[dtype]
-    assert_rel("out", out, gold, rel)
-    for n, a, b in zip(("dq", "dk", "dv"), g, g64):
-        assert_rel(n, a, b, rel)
+    _assert_all_rel(q, k, v, 4 * ATOL_FLOOR[dtype], scale=scale)
 
 
 # ---------------------------------------------------------------------------
