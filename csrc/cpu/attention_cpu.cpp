@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -150,16 +151,73 @@ inline void matmul_release() {
   if (brgemm_available()) at::native::cpublas::brgemm_release(false);
 }
 
+// Tiles live in 64-byte aligned buffers, so that rows of 16 floats are whole cache lines.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, kAlign); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+template <typename T>
+using Tile = std::vector<T, AlignedAllocator<T>>;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// dst (16 x 16) = src (16 x 16) transposed, in registers: interleave 32-bit
+// pairs, then 64-bit pairs, then 128-bit lanes twice (64 shuffles). Inlined,
+// unlike at::vec's general m x n version, which goes through the stack.
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      const __m512d lo = _mm512_castps_pd(b[i + j]), hi = _mm512_castps_pd(b[i + j + 2]);
+      a[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      a[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0x88);
+      b[i + j + 4] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_ps(dst + i * ldd, _mm512_shuffle_f32x4(b[i], b[i + 8], 0x88));
+    _mm512_storeu_ps(dst + (i + 8) * ldd, _mm512_shuffle_f32x4(b[i], b[i + 8], 0xdd));
+  }
+}
+#endif
+
 // dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)
-// transposed, in 16 x 16 blocks (at::vec's register transpose where it has one).
+// transposed, in 16 x 16 blocks.
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t kTile = 16;
   for (int64_t r = 0; r < rows; r += kTile) {
     for (int64_t c = 0; c < cols; c += kTile) {
+      const int64_t m = std::min(kTile, rows - r), n = std::min(kTile, cols - c);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, float>) {
+        if (m == kTile && n == kTile) {
+          transpose16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+          continue;
+        }
+      }
+#endif
       at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * ldd + r, ldd,
-                                static_cast<int>(std::min(kTile, rows - r)),
-                                static_cast<int>(std::min(kTile, cols - c)));
+                                static_cast<int>(m), static_cast<int>(n));
     }
   }
 }
@@ -167,7 +225,30 @@ void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, in
 // ---------------------------------------------------------------------------
 // Element helpers.
 
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) = 2^n · p(r) with n = round(x log2 e), r = x - n ln 2 (ln 2 in two
+// parts) and p the degree-6 Taylor polynomial (|r| <= ln(2)/2; error < 3 ulp);
+// vscalefps applies 2^n, so underflow gives 0 and overflow +inf. x is clamped
+// to [-104, 89] (beyond which the result is 0 or +inf anyway), which keeps
+// ±inf out of r; NaN passes both clamps and stays NaN.
+inline Vec<float> vexp(const Vec<float>& v) {
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#else
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
+#endif
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 
 template <typename S, typename T>
@@ -198,6 +279,15 @@ constexpr T neg_inf() {
 template <typename T>
 bool nan_row(T lse) {
   return std::isnan(lse) || lse == std::numeric_limits<T>::infinity();
+}
+
+// logsumexp of a row from its max and its sum of exp(s - max): -inf when the
+// row sees no key, +inf when a score is +inf (as the reference's logsumexp).
+template <typename T>
+T lse_of(T max, T sum) {
+  if (sum == T(0)) return neg_inf<T>();
+  if (max == std::numeric_limits<T>::infinity()) return max;
+  return max + std::log(sum);
 }
 
 // ---------------------------------------------------------------------------
@@ -384,7 +474,7 @@ template <typename S, typename T>
 class KVTile {
  public:
   KVTile(const AttnParams& p, int64_t max_keys, bool key_rows, bool values)
-      : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values), kt_(p.D * max_keys) {
+      : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values), kt_(p.D * (max_keys + kPad)) {
     if constexpr (!std::is_same_v<S, T>) {
       kc_.resize((key_rows ? max_keys : kChunk) * p.D);
       if (values) vc_.resize(max_keys * p.Dv);
@@ -397,13 +487,13 @@ class KVTile {
       k_stride_ = p_.k.row;
       v_ = static_cast<const T*>(p_.v.ptr) + b * p_.v.batch + j0 * p_.v.row + hk * p_.v.head;
       v_stride_ = p_.v.row;
-      transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_);
+      transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_ + kPad);
     } else {
       const int64_t chunk = key_rows_ ? n : kChunk;
       for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const int64_t rows = std::min(chunk, n - c0);
         load_tile<S>(p_.k, b, j0 + c0, hk, rows, p_.D, kc_.data());
-        transpose(kc_.data(), rows, p_.D, p_.D, kt_.data() + c0, max_keys_);
+        transpose(kc_.data(), rows, p_.D, p_.D, kt_.data() + c0, max_keys_ + kPad);
       }
       k_ = key_rows_ ? kc_.data() : nullptr;
       k_stride_ = p_.D;
@@ -416,16 +506,17 @@ class KVTile {
   const T* k() const { return k_; }
   int64_t k_stride() const { return k_stride_; }
   const T* kt() const { return kt_.data(); }
-  int64_t kt_stride() const { return max_keys_; }
+  int64_t kt_stride() const { return max_keys_ + kPad; }
   const T* v() const { return v_; }
   int64_t v_stride() const { return v_stride_; }
 
  private:
   static constexpr int64_t kChunk = 16;
+  static constexpr int64_t kPad = 16;
   const AttnParams& p_;
   const int64_t max_keys_;
   const bool key_rows_, values_;
-  std::vector<T> kt_, kc_, vc_;
+  Tile<T> kt_, kc_, vc_;
   const T* k_ = nullptr;
   const T* v_ = nullptr;
   int64_t k_stride_ = 0, v_stride_ = 0;
@@ -462,7 +553,7 @@ void forward_kernel(const AttnParams& p) {
   const int64_t grain = grain_for(rows * p.Sk * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
     KVTile<S, T> kv(p, kBlockN, false, true);
-    std::vector<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
+    Tile<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(rows), row_l(rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
@@ -518,7 +609,7 @@ void forward_kernel(const AttnParams& p) {
         const bool dead = row_l[r] == T(0);
         from_acc(O.data() + r * p.Dv, out + (i0 + r) * p.out.row, p.Dv,
                  dead ? T(0) : T(1) / row_l[r]);
-        lse[i0 + r] = dead ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
+        lse[i0 + r] = lse_of(row_m[r], row_l[r]);
       }
     }
     matmul_release();
@@ -603,14 +694,14 @@ void backward_kernel(const AttnBwdParams& p) {
   const int64_t grain = grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group);
   at::parallel_for(0, p.B * p.Hkv * tasks_per_head, grain, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    std::vector<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(kBwdBlockM * p.D);
+    Tile<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(kBwdBlockM * p.D);
     T* dmask_t = dmask_acc.data() + tid * dmask_size;
     KVTile<S, T> kv(p, kBwdBlockN, true, true);
-    std::vector<T> Qc(kBwdBlockM * p.D), Qt(p.D * kBwdBlockM);
-    std::vector<T> dOc(kBwdBlockM * p.Dv), dOt(p.Dv * kBwdBlockM);
-    std::vector<T> dK(acc_keys * p.D), dV(acc_keys * p.Dv);
-    std::vector<T> St(kBwdBlockN * kBwdBlockM), dPt(kBwdBlockN * kBwdBlockM);
-    std::vector<T> Z(kBwdBlockM * kBwdBlockN), shift(kBwdBlockM);
+    Tile<T> Qc(kBwdBlockM * p.D), Qt(p.D * kBwdBlockM);
+    Tile<T> dOc(kBwdBlockM * p.Dv), dOt(p.Dv * kBwdBlockM);
+    Tile<T> dK(acc_keys * p.D), dV(acc_keys * p.Dv);
+    Tile<T> St(kBwdBlockN * kBwdBlockM), dPt(kBwdBlockN * kBwdBlockM);
+    Tile<T> Z(kBwdBlockM * kBwdBlockN), shift(kBwdBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = (task / tasks_per_head) % p.Hkv;
       const int64_t b = task / (tasks_per_head * p.Hkv);
@@ -710,7 +801,7 @@ void backward_kernel(const AttnBwdParams& p) {
   if (split_keys) {
     at::parallel_for(0, p.B * p.Hq, grain_for(threads * p.D * p.Sq), [&](int64_t begin,
                                                                           int64_t end) {
-      std::vector<T> rows(kBwdBlockM * p.D);
+      Tile<T> rows(kBwdBlockM * p.D);
       for (int64_t bh = begin; bh < end; ++bh) {
         T* sum = dqt_acc.data() + bh * p.D * p.Sq;
         for (int64_t t = 1; t < threads; ++t) {
@@ -743,7 +834,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain_for(kBlockM * p.Sk * p.D),
                    [&](int64_t begin, int64_t end) {
     KVTile<S, T> kv(p, kBlockN, false, false);
-    std::vector<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
+    Tile<T> Q(kBlockM * p.D), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(kBlockM), row_l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
@@ -779,7 +870,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
           }
         }
         for (int64_t r = 0; r < m; ++r) {
-          lse[r] = row_l[r] == T(0) ? neg_inf<T>() : row_m[r] + std::log(row_l[r]);
+          lse[r] = lse_of(row_m[r], row_l[r]);
         }
       }
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
