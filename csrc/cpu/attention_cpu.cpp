@@ -531,11 +531,11 @@ inline int64_t grain_for(int64_t work) {
 }
 
 // Query rows per forward task: the rows of a task share each converted K/V
-// tile, in sub-blocks of kBlockM rows. Small problems take kBlockM rows per
-// task so that every thread gets work.
-inline int64_t task_rows(int64_t heads, int64_t Sq) {
-  const int64_t tasks = heads * ((Sq + kTaskRows - 1) / kTaskRows);
-  return tasks >= 4 * at::get_num_threads() ? kTaskRows : kBlockM;
+// tile, in sub-blocks of kBlockM rows; `max_rows` when that still gives every
+// thread several tasks, else kBlockM.
+inline int64_t task_rows(int64_t heads, int64_t Sq, int64_t max_rows) {
+  const int64_t tasks = heads * ((Sq + max_rows - 1) / max_rows);
+  return tasks >= 4 * at::get_num_threads() ? max_rows : kBlockM;
 }
 
 // ---------------------------------------------------------------------------
@@ -546,14 +546,18 @@ void forward_kernel(const AttnParams& p) {
   using T = at::opmath_type<S>;
   const Visibility vis{p};
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t rows = task_rows(p.B * p.Hq, p.Sq);
+  // When the input is in the accumulation type, O accumulates in the output
+  // itself, and the task takes twice the rows for the same per-thread memory
+  // (so each K/V tile is transposed half as often).
+  constexpr bool in_place = std::is_same_v<S, T>;
+  const int64_t rows = task_rows(p.B * p.Hq, p.Sq, in_place ? 2 * kTaskRows : kTaskRows);
   const int64_t m_blocks = (p.Sq + rows - 1) / rows;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
   const int64_t grain = grain_for(rows * p.Sk * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
     KVTile<S, T> kv(p, kBlockN, false, true);
-    Tile<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
+    Tile<T> Q(rows * p.D), O(in_place ? 0 : rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(rows), row_l(rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
@@ -566,7 +570,14 @@ void forward_kernel(const AttnParams& p) {
       const int64_t j_end = vis.hi(b, i0 + mt - 1);
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
-      std::fill(O.begin(), O.end(), T(0));
+      S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + i0 * p.out.row + h * p.out.head;
+      T* o_acc = O.data();
+      int64_t ldo = p.Dv;
+      if constexpr (in_place) {
+        o_acc = out;
+        ldo = p.out.row;
+      }
+      for (int64_t r = 0; r < mt; ++r) std::fill(o_acc + r * ldo, o_acc + r * ldo + p.Dv, T(0));
       if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, mt, p.D, Q.data(), scale);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
@@ -591,7 +602,7 @@ void forward_kernel(const AttnParams& p) {
             row_l[r0 + r] = row_l[r0 + r] * alpha + exp_shift_sum(s, sn, m_new);
             row_max_r = m_new;
             if (alpha != T(1)) {
-              T* o = O.data() + (r0 + r) * p.Dv;
+              T* o = o_acc + (r0 + r) * ldo;
               at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
             }
             if (dropout) {
@@ -600,15 +611,13 @@ void forward_kernel(const AttnParams& p) {
             }
           }
           matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * kv.v_stride(),
-                 kv.v_stride(), O.data() + r0 * p.Dv, p.Dv, true);
+                 kv.v_stride(), o_acc + r0 * ldo, ldo, true);
         }
       }
-      S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + h * p.out.head;
       T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
       for (int64_t r = 0; r < mt; ++r) {
         const bool dead = row_l[r] == T(0);
-        from_acc(O.data() + r * p.Dv, out + (i0 + r) * p.out.row, p.Dv,
-                 dead ? T(0) : T(1) / row_l[r]);
+        from_acc(o_acc + r * ldo, out + r * p.out.row, p.Dv, dead ? T(0) : T(1) / row_l[r]);
         lse[i0 + r] = lse_of(row_m[r], row_l[r]);
       }
     }
