@@ -1,0 +1,41 @@
+"""The other x86 CPU kernel module (issue #6).
+
+The import loads one CPU kernel module: `_cpu_avx512` on CPUs with AVX-512,
+else `_cpu_avx2`. The two are built from one source but differ where the
+AVX-512 build has code of its own (its exp and 16 x 16 transpose), so the
+module this process did not load is run here, in a subprocess with
+SELFATTN_CPU_ISA forcing it, through the accuracy grid and the NaN/inf edge
+cases.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfattn import ops
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _other_isa():
+    if ops.CPU_KERNELS == "_cpu_avx512":
+        return "avx2"  # an AVX-512 CPU also runs the AVX2 build
+    return None  # an AVX2-only CPU cannot run the AVX-512 build
+
+
+@pytest.mark.skipif(_other_isa() is None, reason="this CPU runs only the loaded CPU module")
+def test_other_cpu_module_passes_accuracy_and_edge_cases():
+    isa = _other_isa()
+    env = dict(os.environ, SELFATTN_CPU_ISA=isa)
+    probe = subprocess.run([sys.executable, "-c", "from selfattn import ops; print(ops.CPU_KERNELS)"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == f"_cpu_{isa}"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(TESTS / "test_attention.py"), str(TESTS / "test_edge_cases.py")],
+        env=env, capture_output=True, text=True, cwd=TESTS.parent)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
