@@ -1,8 +1,9 @@
 // CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
 //
-// Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM on
-// small problems); it streams the visible key tiles (kBlockN keys) past the
-// block, converting each once (KVTile), and for each sub-block of kBlockM rows
+// Forward: one task per (b, hq, block of query rows: kTaskRows, twice that
+// when O accumulates in a float32/float64 output, or kBlockM on small
+// problems); it streams the visible key tiles (kBlockN keys) past the block,
+// converting each once (KVTile), and for each sub-block of kBlockM rows
 // computes S = (scale Q) Kᵀ (+ mask), keeps the running row max and sum
 // (online softmax) and accumulates O += P V.
 // Backward: delta = rowsum(dO ∘ O); then one task per (b, hkv) (or per key
@@ -18,7 +19,7 @@
 // and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM
 // micro-kernel through ATen's cpublas::brgemm (JIT-compiled for the running
 // CPU), else a register-blocked micro-kernel (gemm_acc). The softmax
-// arithmetic is at::vec. Extra memory is O(B·H·S) plus per-thread tiles and,
+// arithmetic is at::vec, with an AVX-512 exp and 16 x 16 transpose of our own. Extra memory is O(B·H·S) plus per-thread tiles and,
 // in the backward, one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer
 // and no per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
 // keyed by (b, h, i, j), so the backward regenerates the forward's mask.
@@ -228,11 +229,14 @@ void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, in
 #if defined(CPU_CAPABILITY_AVX512)
 // exp(x) = 2^n · p(r) with n = round(x log2 e), r = x - n ln 2 (ln 2 in two
 // parts) and p the degree-6 Taylor polynomial (|r| <= ln(2)/2; error < 3 ulp);
-// vscalefps applies 2^n, so underflow gives 0 and overflow +inf. x is clamped
-// to [-104, 89] (beyond which the result is 0 or +inf anyway), which keeps
-// ±inf out of r; NaN passes both clamps and stays NaN.
+// vscalefps applies 2^n, and overflow gives +inf. Below ln(FLT_MIN) the result
+// is 0 (as at::vec's exp_u20): x is clamped there first, because a denormal
+// result costs a microcode assist (masked scores are -inf, so this is common).
+// The clamps keep ±inf out of r; NaN passes them and stays NaN.
 inline Vec<float> vexp(const Vec<float>& v) {
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 lo = _mm512_set1_ps(-87.33654475f);  // ln(FLT_MIN)
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(lo, v));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -244,7 +248,7 @@ inline Vec<float> vexp(const Vec<float>& v) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 #else
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
