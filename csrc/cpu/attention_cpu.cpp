@@ -278,8 +278,8 @@ constexpr T neg_inf() {
 }
 
 // A row whose softmax is NaN: its scores held a NaN or +inf (max = +inf, and
-// inf - inf = NaN in the reference), which leaves lse NaN or +inf. The fast
-// exp maps NaN to inf, so such rows are set to NaN explicitly.
+// inf - inf = NaN in the reference), which leaves lse NaN or +inf. The AVX2
+// build's exp (exp_u20) maps NaN to inf, so such rows are set to NaN explicitly.
 template <typename T>
 bool nan_row(T lse) {
   return std::isnan(lse) || lse == std::numeric_limits<T>::infinity();
