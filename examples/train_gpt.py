@@ -138,6 +138,7 @@ def _ddp_worker(rank, world, port, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         run(args, rank, world)
+        dist.barrier()  # no rank tears the group down while another is still in it
     finally:
         dist.destroy_process_group()
 
