@@ -19,9 +19,10 @@
 // and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM
 // micro-kernel through ATen's cpublas::brgemm (JIT-compiled for the running
 // CPU), else a register-blocked micro-kernel (gemm_acc). The softmax
-// arithmetic is at::vec, with an AVX-512 exp and 16 x 16 transpose of our own. Extra memory is O(B·H·S) plus per-thread tiles and,
-// in the backward, one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer
-// and no per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
+// arithmetic is at::vec, with an AVX-512 exp and 16 x 16 transpose of our
+// own. Extra memory is O(B·H·S) plus per-thread tiles and, in the backward,
+// one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer and no
+// per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
 // keyed by (b, h, i, j), so the backward regenerates the forward's mask.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -478,7 +479,8 @@ template <typename S, typename T>
 class KVTile {
  public:
   KVTile(const AttnParams& p, int64_t max_keys, bool key_rows, bool values)
-      : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values), kt_(p.D * (max_keys + kPad)) {
+      : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values),
+        kt_(p.D * (max_keys + kPad)) {
     if constexpr (!std::is_same_v<S, T>) {
       kc_.resize((key_rows ? max_keys : kChunk) * p.D);
       if (values) vc_.resize(max_keys * p.Dv);
@@ -516,7 +518,7 @@ class KVTile {
 
  private:
   static constexpr int64_t kChunk = 16;
-  static constexpr int64_t kPad = 16;
+  static constexpr int64_t kPad = 16;  // Kᵀ row padding: rows 1 KiB apart would share cache sets
   const AttnParams& p_;
   const int64_t max_keys_;
   const bool key_rows_, values_;
