@@ -538,10 +538,11 @@ inline int64_t grain_for(int64_t work) {
 
 // Query rows per forward task: the rows of a task share each converted K/V
 // tile, in sub-blocks of kBlockM rows; `max_rows` when that still gives every
-// thread several tasks, else kBlockM.
+// thread several tasks, else kBlockM, and never more than Sq (the task's tiles
+// are sized by it). Sq > 0.
 inline int64_t task_rows(int64_t heads, int64_t Sq, int64_t max_rows) {
   const int64_t tasks = heads * ((Sq + max_rows - 1) / max_rows);
-  return tasks >= 4 * at::get_num_threads() ? max_rows : kBlockM;
+  return std::min(Sq, tasks >= 4 * at::get_num_threads() ? max_rows : kBlockM);
 }
 
 // ---------------------------------------------------------------------------
