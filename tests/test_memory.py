@@ -6,6 +6,11 @@ grow by far less than that (asserted: < 512 MiB) across forward and backward.
 Peak RSS (resource.getrusage ru_maxrss) is measured in a subprocess so that
 nothing else the test session allocated counts. A control run shows the probe
 does see a quadratic allocation (the reference at S = 8192).
+
+The CPU kernels keep each thread's tile buffers for the next call (TileCache in
+csrc/cpu/attention_cpu.cpp), at most 1 MiB per thread: a run through many head
+sizes, whose tiles all differ in size, must leave the resident set within that
+(float64, whose products need no JIT-compiled kernels that oneDNN would cache).
 """
 from __future__ import annotations
 
@@ -60,12 +65,45 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
+_CACHE_SCRIPT = textwrap.dedent(r"""
+    import gc, json, sys
+    import torch
+    import selfattn
+    import selfattn._measure  # large blocks go back to the system when freed
+
+    def rss():  # bytes
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+    torch.manual_seed(0)
+    def run(D):
+        q, k, v = (torch.randn(2, 512, 4, D, dtype=torch.float64, requires_grad=True)
+                   for _ in range(3))
+        selfattn.attention(q, k, v, causal=True).sum().backward()
+
+    run(64)  # loads the kernels, starts the thread pool
+    gc.collect()
+    before = rss()
+    tile_bytes = 0  # the forward's Kᵀ tile alone, summed over the shapes
+    for D in range(8, 257, 4):
+        run(D)
+        tile_bytes += D * 272 * 8 * torch.get_num_threads()
+    gc.collect()
+    print(json.dumps({"growth": rss() - before, "tile_bytes": tile_bytes,
+                      "threads": torch.get_num_threads()}))
+""")
+
+
 def _run(mode, S, timeout):
+    return _run_script(_SCRIPT, [mode, str(S)], timeout)
+
+
+def _run_script(script, args, timeout):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(S)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -89,3 +127,13 @@ def test_memory_probe_sees_quadratic_allocation():
     S = 8192  # one S x S float32 matrix: 256 MiB
     r = _run("control", S, timeout=120)
     assert r["growth"] > 256 * MIB, f"probe saw only {r['growth'] / MIB:.0f} MiB"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_tile_cache_is_bounded():
+    r = _run_script(_CACHE_SCRIPT, [], timeout=300)
+    bound = r["threads"] * MIB + 4 * MIB  # the caches, and slack for torch's own
+    assert r["tile_bytes"] > 2 * bound  # so an unbounded cache would exceed the bound
+    assert r["growth"] < bound, (
+        f"resident set grew by {r['growth'] / MIB:.1f} MiB over 63 head sizes "
+        f"({r['threads']} threads)")

@@ -20,8 +20,9 @@
 // micro-kernel through ATen's cpublas::brgemm (JIT-compiled for the running
 // CPU), else a register-blocked micro-kernel (gemm_acc). The softmax
 // arithmetic is at::vec, with an AVX-512 exp and 16 x 16 transpose of our
-// own. Extra memory is O(B·H·S) plus per-thread tiles and, in the backward,
-// one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer and no
+// own. Extra memory is O(B·H·S) plus per-thread tiles (whose buffers each
+// thread keeps for its next call, up to 1 MiB: TileCache) and, in the
+// backward, one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer and no
 // per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
 // keyed by (b, h, i, j), so the backward regenerates the forward's mask.
 #include <ATen/Dispatch.h>
@@ -153,16 +154,73 @@ inline void matmul_release() {
   if (brgemm_available()) at::native::cpublas::brgemm_release(false);
 }
 
-// Tiles live in 64-byte aligned buffers, so that rows of 16 floats are whole cache lines.
+// Each thread keeps the buffers of its last tiles, up to kTileCacheBytes, and
+// hands one back when a tile of the same size is asked for. A kernel's tiles
+// have the same sizes on every call of a shape, so a warm call allocates (and
+// faults in) no tile memory, as MKL and oneDNN keep their GEMM packing
+// buffers between calls. Bounded: bigger buffers and any surplus are freed.
+class TileCache {
+ public:
+  static constexpr std::align_val_t kAlign{64};
+  static constexpr size_t kTileCacheBytes = size_t(1) << 20;
+
+  TileCache() = default;
+  TileCache(const TileCache&) = delete;
+  TileCache& operator=(const TileCache&) = delete;
+  ~TileCache() {
+    for (const Block& block : blocks_) ::operator delete(block.ptr, kAlign);
+  }
+
+  void* take(size_t bytes) {
+    for (size_t i = blocks_.size(); i-- > 0;) {
+      if (blocks_[i].bytes == bytes) {
+        void* ptr = blocks_[i].ptr;
+        held_ -= bytes;
+        blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(i));
+        return ptr;
+      }
+    }
+    return ::operator new(bytes, kAlign);
+  }
+
+  void give(void* ptr, size_t bytes) {
+    if (bytes > kTileCacheBytes) {
+      ::operator delete(ptr, kAlign);
+      return;
+    }
+    while (held_ + bytes > kTileCacheBytes) {  // free the oldest
+      ::operator delete(blocks_.front().ptr, kAlign);
+      held_ -= blocks_.front().bytes;
+      blocks_.erase(blocks_.begin());
+    }
+    blocks_.push_back({ptr, bytes});
+    held_ += bytes;
+  }
+
+  static TileCache& of_this_thread() {
+    thread_local TileCache cache;
+    return cache;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+  std::vector<Block> blocks_;
+  size_t held_ = 0;
+};
+
+// Tiles live in 64-byte aligned buffers (rows of 16 floats are whole cache
+// lines) from the thread's TileCache.
 template <typename T>
 struct AlignedAllocator {
   using value_type = T;
-  static constexpr std::align_val_t kAlign{64};
   AlignedAllocator() = default;
   template <typename U>
   AlignedAllocator(const AlignedAllocator<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
-  void deallocate(T* ptr, size_t) { ::operator delete(ptr, kAlign); }
+  T* allocate(size_t n) { return static_cast<T*>(TileCache::of_this_thread().take(n * sizeof(T))); }
+  void deallocate(T* ptr, size_t n) { TileCache::of_this_thread().give(ptr, n * sizeof(T)); }
   template <typename U>
   bool operator==(const AlignedAllocator<U>&) const { return true; }
   template <typename U>
