@@ -1,8 +1,7 @@
 // CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
 //
-// Forward: one task per (b, hq, block of query rows: kTaskRows, twice that
-// when O accumulates in a float32/float64 output, or kBlockM on small
-// problems); it streams the visible key tiles (kBlockN keys) past the block,
+// Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM
+// on small problems); it streams the visible key tiles (kBlockN keys) past the block,
 // converting each once (KVTile), and for each sub-block of kBlockM rows
 // computes S = (scale Q) Kᵀ (+ mask), keeps the running row max and sum
 // (online softmax) and accumulates O += P V.
@@ -49,7 +48,7 @@ namespace {
 // Tile sizes (query rows x keys) of the forward and probs kernels, and of the backward.
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 256;
-constexpr int64_t kTaskRows = 256;  // query rows per forward task (sub-blocks of kBlockM)
+constexpr int64_t kTaskRows = 512;  // query rows per forward task (sub-blocks of kBlockM)
 constexpr int64_t kBwdBlockM = 64;
 constexpr int64_t kBwdBlockN = 256;
 
@@ -163,8 +162,9 @@ class TileCache {
  public:
   static constexpr std::align_val_t kAlign{64};
   static constexpr size_t kTileCacheBytes = size_t(1) << 20;
+  static constexpr size_t kMaxBlocks = 32;
 
-  TileCache() = default;
+  TileCache() { blocks_.reserve(kMaxBlocks); }  // so that give() never allocates
   TileCache(const TileCache&) = delete;
   TileCache& operator=(const TileCache&) = delete;
   ~TileCache() {
@@ -188,7 +188,7 @@ class TileCache {
       ::operator delete(ptr, kAlign);
       return;
     }
-    while (held_ + bytes > kTileCacheBytes) {  // free the oldest
+    while (held_ + bytes > kTileCacheBytes || blocks_.size() == kMaxBlocks) {  // free the oldest
       ::operator delete(blocks_.front().ptr, kAlign);
       held_ -= blocks_.front().bytes;
       blocks_.erase(blocks_.begin());
@@ -595,12 +595,12 @@ inline int64_t grain_for(int64_t work) {
 }
 
 // Query rows per forward task: the rows of a task share each converted K/V
-// tile, in sub-blocks of kBlockM rows; `max_rows` when that still gives every
+// tile, in sub-blocks of kBlockM rows; kTaskRows when that still gives every
 // thread several tasks, else kBlockM, and never more than Sq (the task's tiles
 // are sized by it). Sq > 0.
-inline int64_t task_rows(int64_t heads, int64_t Sq, int64_t max_rows) {
-  const int64_t tasks = heads * ((Sq + max_rows - 1) / max_rows);
-  return std::min(Sq, tasks >= 4 * at::get_num_threads() ? max_rows : kBlockM);
+inline int64_t task_rows(int64_t heads, int64_t Sq) {
+  const int64_t tasks = heads * ((Sq + kTaskRows - 1) / kTaskRows);
+  return std::min(Sq, tasks >= 4 * at::get_num_threads() ? kTaskRows : kBlockM);
 }
 
 // ---------------------------------------------------------------------------
@@ -611,18 +611,14 @@ void forward_kernel(const AttnParams& p) {
   using T = at::opmath_type<S>;
   const Visibility vis{p};
   const int64_t group = p.Hq / p.Hkv;
-  // When the input is in the accumulation type, O accumulates in the output
-  // itself, and the task takes twice the rows for the same per-thread memory
-  // (so each K/V tile is transposed half as often).
-  constexpr bool in_place = std::is_same_v<S, T>;
-  const int64_t rows = task_rows(p.B * p.Hq, p.Sq, in_place ? 2 * kTaskRows : kTaskRows);
+  const int64_t rows = task_rows(p.B * p.Hq, p.Sq);
   const int64_t m_blocks = (p.Sq + rows - 1) / rows;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
   const int64_t grain = grain_for(rows * p.Sk * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
     KVTile<S, T> kv(p, kBlockN, false, true);
-    Tile<T> Q(rows * p.D), O(in_place ? 0 : rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
+    Tile<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(rows), row_l(rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
@@ -636,13 +632,7 @@ void forward_kernel(const AttnParams& p) {
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
       S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + i0 * p.out.row + h * p.out.head;
-      T* o_acc = O.data();
-      int64_t ldo = p.Dv;
-      if constexpr (in_place) {
-        o_acc = out;
-        ldo = p.out.row;
-      }
-      for (int64_t r = 0; r < mt; ++r) std::fill(o_acc + r * ldo, o_acc + r * ldo + p.Dv, T(0));
+      std::fill(O.begin(), O.begin() + mt * p.Dv, T(0));
       if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, mt, p.D, Q.data(), scale);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
@@ -667,7 +657,7 @@ void forward_kernel(const AttnParams& p) {
             row_l[r0 + r] = row_l[r0 + r] * alpha + exp_shift_sum(s, sn, m_new);
             row_max_r = m_new;
             if (alpha != T(1)) {
-              T* o = o_acc + (r0 + r) * ldo;
+              T* o = O.data() + (r0 + r) * p.Dv;
               at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
             }
             if (dropout) {
@@ -676,13 +666,13 @@ void forward_kernel(const AttnParams& p) {
             }
           }
           matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * kv.v_stride(),
-                 kv.v_stride(), o_acc + r0 * ldo, ldo, true);
+                 kv.v_stride(), O.data() + r0 * p.Dv, p.Dv, true);
         }
       }
       T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
       for (int64_t r = 0; r < mt; ++r) {
         const bool dead = row_l[r] == T(0);
-        from_acc(o_acc + r * ldo, out + r * p.out.row, p.Dv, dead ? T(0) : T(1) / row_l[r]);
+        from_acc(O.data() + r * p.Dv, out + r * p.out.row, p.Dv, dead ? T(0) : T(1) / row_l[r]);
         lse[i0 + r] = lse_of(row_m[r], row_l[r]);
       }
     }
