@@ -3,15 +3,13 @@
 bench_attention.py reads peak memory from the resident set, which moves in
 pages; on this project's machine repeated readings of one call spread over
 about 0.4 MiB, more than the two libraries differ by at S = 512. This script
-counts bytes instead: it
-compiles benchmarks/malloc_peak.c, re-runs itself with it preloaded and
-reports, per point,
+counts bytes instead: it compiles benchmarks/malloc_peak.c, re-runs itself
+with it preloaded and reports, per point,
   - per call: the peak of heap bytes held during a warm call beyond those held
     before it, less the output tensor (so: statistics, scratch, tiles);
-  - kept: heap bytes still held after the first call of a fresh process, less
-    what the same process held after importing torch and selfattn and making
-    the inputs (buffers kept between calls: MKL's, oneDNN's, selfattn's
-    TileCache).
+  - kept: heap bytes still held after the first call of a fresh process beyond
+    those held before it (buffers kept between calls: MKL's, oneDNN's,
+    selfattn's TileCache).
 Usage: python benchmarks/heap_peak.py [--tokens 4096] [--heads 8]
 """
 from __future__ import annotations
@@ -62,7 +60,7 @@ def _callable(name, q, k, v):
     return lambda: F.scaled_dot_product_attention(qt, kt, vt)
 
 
-def _measure(mode, name, S, D, dtype, tokens, heads):
+def _count(mode, name, S, D, dtype, tokens, heads):
     """Runs under the preloaded counter."""
     lib = ctypes.CDLL(None)
     for fn in (lib.malloc_peak_reset, lib.malloc_peak_get, lib.malloc_held_get):
@@ -92,7 +90,7 @@ def main() -> None:
     a = parser.parse_args()
     if a.measure:
         mode, name, S, D, dtype = a.measure
-        print(json.dumps(_measure(mode, name, int(S), int(D), dtype, a.tokens, a.heads)))
+        print(json.dumps(_count(mode, name, int(S), int(D), dtype, a.tokens, a.heads)))
         return
     library = _library()
     common = ["--tokens", str(a.tokens), "--heads", str(a.heads), "--measure"]

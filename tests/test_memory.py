@@ -66,7 +66,7 @@ _SCRIPT = textwrap.dedent(r"""
 
 
 _CACHE_SCRIPT = textwrap.dedent(r"""
-    import gc, json, sys
+    import gc, json
     import torch
     import selfattn
     import selfattn._measure  # large blocks go back to the system when freed

@@ -1,8 +1,8 @@
 // CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
 //
 // Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM
-// on small problems); it streams the visible key tiles (kBlockN keys) past the block,
-// converting each once (KVTile), and for each sub-block of kBlockM rows
+// on small problems); it streams the visible key tiles (kBlockN keys) past
+// the block, converting each once (KVTile), and for each sub-block of kBlockM rows
 // computes S = (scale Q) Kᵀ (+ mask), keeps the running row max and sum
 // (online softmax) and accumulates O += P V.
 // Backward: delta = rowsum(dO ∘ O); then one task per (b, hkv) (or per key
