@@ -69,11 +69,10 @@ _CACHE_SCRIPT = textwrap.dedent(r"""
     import gc, json
     import torch
     import selfattn
-    import selfattn._measure  # large blocks go back to the system when freed
+    from selfattn import _measure  # large blocks go back to the system when freed
 
     def rss():  # bytes
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+        return _measure._status_kib("VmRSS") * 1024
 
     torch.manual_seed(0)
     def run(D):
