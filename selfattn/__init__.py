@@ -5,11 +5,14 @@
     selfattn.attention_weights(q, k, ...)               # probabilities
     selfattn.reference                                  # plain-PyTorch oracle
     selfattn.nn                                         # drop-in layers
+    selfattn.errors                                     # exception classes
 """
 import torch  # noqa: F401
 
-from . import nn, ops, reference
+from . import errors, nn, ops, reference
+from .errors import ArgumentError, ArgumentTypeError
 from .functional import attention, attention_weights, scaled_dot_product_attention
 
-__all__ = ["attention", "scaled_dot_product_attention", "attention_weights", "reference", "ops", "nn"]
+__all__ = ["attention", "scaled_dot_product_attention", "attention_weights", "reference", "ops",
+           "nn", "errors", "ArgumentError", "ArgumentTypeError"]
 __version__ = "0.1.0"

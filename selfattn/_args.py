@@ -1,8 +1,12 @@
 """Argument checking and normalisation shared by the fused functions and the
 reference, so both accept and refuse exactly the same inputs.
 
-Errors are ValueError (bad value or shape) or TypeError (wrong type) whose text
-names the function, the argument and the expectation.
+Errors are ArgumentError (a ValueError and a RuntimeError: bad value or shape)
+or ArgumentTypeError (a TypeError and a RuntimeError: wrong type), whose text
+names the function, the argument and the expectation (selfattn/errors.py).
+Tensors reach the kernels as plain strided storage: nested and sparse tensors
+are refused, and torch's CausalBias mask (a tensor subclass whose storage holds
+no mask) becomes the kernels' own causal flag with its alignment.
 """
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
+
+from .errors import ArgumentError, ArgumentTypeError
 
 MAX_HEAD_DIM = 512
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -33,8 +40,29 @@ class AttnArgs:
 
 
 def _tensor(fn, name, t):
+    """t is a tensor the kernels can read as plain strided storage."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise ArgumentTypeError(
+            f"{fn}: {name} is a nested tensor, which selfattn does not take; pad it "
+            "(to_padded_tensor) and pass the lengths as key_lengths or a mask")
+    if t.layout != torch.strided:
+        raise ArgumentTypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout "
+                                f"{t.layout}")
+    if isinstance(t, CausalBias):
+        raise ArgumentTypeError(f"{fn}: {name} is a CausalBias, which only attn_mask takes")
+
+
+def _causal_bias_alignment(fn, bias, causal, Sq, Sk):
+    """The causal alignment a torch.nn.attention.bias.CausalBias attn_mask stands for."""
+    if causal:
+        raise ArgumentError(f"{fn}: attn_mask is a CausalBias, which should not be combined with "
+                            "causal=True (is_causal=True)")
+    if (bias.seq_len_q, bias.seq_len_kv) != (Sq, Sk):
+        raise ArgumentError(f"{fn}: attn_mask is a CausalBias for (Sq, Sk) = ({bias.seq_len_q}, "
+                            f"{bias.seq_len_kv}), but q and k have (Sq, Sk) = ({Sq}, {Sk})")
+    return "top_left" if bias.variant == CausalVariant.UPPER_LEFT else "bottom_right"
 
 
 def _finite(x) -> bool:
@@ -48,9 +76,10 @@ def _window_side(fn, value, side):
     if value is None:
         return -1
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: window {side} must be an int, -1 or None, got {value!r}")
+        raise ArgumentTypeError(f"{fn}: window {side} must be an int, -1 or None, got {value!r}")
     if value < -1:
-        raise ValueError(f"{fn}: window {side} must be >= 0, or -1/None for unbounded, got {value}")
+        raise ArgumentError(
+            f"{fn}: window {side} must be >= 0, or -1/None for unbounded, got {value}")
     return int(value)
 
 
@@ -60,30 +89,35 @@ def check_qkv(fn, q, k, v, names=("q", "k", "v")):
     for name, t in zip(names, (q, k, v)):
         _tensor(fn, name, t)
         if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (B, S, H, D), got shape {tuple(t.shape)}")
+            raise ArgumentError(
+                f"{fn}: {name} must be 4-D (B, S, H, D), got shape {tuple(t.shape)}")
     if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {nq} must be float32, float64, bfloat16 or float16, got {q.dtype}")
+        raise ArgumentTypeError(
+            f"{fn}: {nq} must be float32, float64, bfloat16 or float16, got {q.dtype}")
     for name, t in ((nk, k), (nv, v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype}, which differs from {nq}'s {q.dtype}")
+            raise ArgumentTypeError(
+                f"{fn}: {name} has dtype {t.dtype}, which differs from {nq}'s {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device}, but {nq} is on {q.device}")
+            raise ArgumentError(f"{fn}: {name} is on {t.device}, but {nq} is on {q.device}")
     B, Sq, Hq, D = q.shape
     _, Sk, Hkv, _ = k.shape
     Dv = v.shape[3]
     if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{fn}: batch sizes differ: {nq} {B}, {nk} {k.shape[0]}, {nv} {v.shape[0]}")
+        raise ArgumentError(
+            f"{fn}: batch sizes differ: {nq} {B}, {nk} {k.shape[0]}, {nv} {v.shape[0]}")
     if v.shape[1] != Sk:
-        raise ValueError(f"{fn}: {nv} has {v.shape[1]} keys, which differs from {nk}'s {Sk}")
+        raise ArgumentError(f"{fn}: {nv} has {v.shape[1]} keys, which differs from {nk}'s {Sk}")
     if v.shape[2] != Hkv:
-        raise ValueError(f"{fn}: {nv} has {v.shape[2]} heads, which differs from {nk}'s {Hkv}")
+        raise ArgumentError(f"{fn}: {nv} has {v.shape[2]} heads, which differs from {nk}'s {Hkv}")
     if k.shape[3] != D:
-        raise ValueError(f"{fn}: {nk} has head dim {k.shape[3]}, which differs from {nq}'s {D}")
+        raise ArgumentError(f"{fn}: {nk} has head dim {k.shape[3]}, which differs from {nq}'s {D}")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"{fn}: {nk} has {Hkv} heads, which does not divide {nq}'s {Hq} heads")
+        raise ArgumentError(f"{fn}: {nk} has {Hkv} heads, which does not divide {nq}'s {Hq} heads")
     for name, dim in ((nq, D), (nv, Dv)):
         if not 1 <= dim <= MAX_HEAD_DIM:
-            raise ValueError(f"{fn}: head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {dim}")
+            raise ArgumentError(
+                f"{fn}: head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {dim}")
     return B, Sq, Sk, Hq, Hkv, D, Dv
 
 
@@ -91,15 +125,18 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
                    key_lengths, dropout_p) -> AttnArgs:
     B, Sq, Sk, Hq, Hkv, D, Dv = check_qkv(fn, q, k, v)
     if not isinstance(causal, bool):
-        raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
+        raise ArgumentTypeError(f"{fn}: causal must be a bool, got {causal!r}")
+    if isinstance(attn_mask, CausalBias):
+        causal_alignment = _causal_bias_alignment(fn, attn_mask, causal, Sq, Sk)
+        causal, attn_mask = True, None
     if causal_alignment not in ("bottom_right", "top_left"):
-        raise ValueError(
+        raise ArgumentError(
             f"{fn}: causal_alignment must be 'bottom_right' or 'top_left', got {causal_alignment!r}")
     if window is None:
         left, right = -1, -1
     else:
         if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise TypeError(f"{fn}: window must be a pair (left, right), got {window!r}")
+            raise ArgumentTypeError(f"{fn}: window must be a pair (left, right), got {window!r}")
         left = _window_side(fn, window[0], "left")
         right = _window_side(fn, window[1], "right")
     if causal:
@@ -110,34 +147,38 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{fn}: scale must be a float or None, got {scale!r}")
+        raise ArgumentTypeError(f"{fn}: scale must be a float or None, got {scale!r}")
     elif not _finite(scale):
-        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+        raise ArgumentError(f"{fn}: scale must be finite, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"{fn}: dropout_p must be a float, got {dropout_p!r}")
+        raise ArgumentTypeError(f"{fn}: dropout_p must be a float, got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ArgumentError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if attn_mask is not None:
         _tensor(fn, "attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            raise ArgumentTypeError(
+                f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
         if attn_mask.device != q.device:
-            raise ValueError(f"{fn}: attn_mask is on {attn_mask.device}, but q is on {q.device}")
+            raise ArgumentError(f"{fn}: attn_mask is on {attn_mask.device}, but q is on {q.device}")
         target = (B, Hq, Sq, Sk)
         shape = tuple(attn_mask.shape)
         if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
-            raise ValueError(
+            raise ArgumentError(
                 f"{fn}: attn_mask of shape {shape} is not broadcastable to (B, Hq, Sq, Sk) = {target}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             attn_mask = attn_mask.to(q.dtype)
     if key_lengths is not None:
         _tensor(fn, "key_lengths", key_lengths)
         if key_lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{fn}: key_lengths must be int32 or int64, got {key_lengths.dtype}")
+            raise ArgumentTypeError(
+                f"{fn}: key_lengths must be int32 or int64, got {key_lengths.dtype}")
         if tuple(key_lengths.shape) != (B,):
-            raise ValueError(f"{fn}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
+            raise ArgumentError(
+                f"{fn}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
         if key_lengths.device != q.device:
-            raise ValueError(f"{fn}: key_lengths is on {key_lengths.device}, but q is on {q.device}")
+            raise ArgumentError(
+                f"{fn}: key_lengths is on {key_lengths.device}, but q is on {q.device}")
         key_lengths = key_lengths.to(torch.int64).contiguous()
     bottom_right = causal_alignment == "bottom_right"
     return AttnArgs(
@@ -155,12 +196,13 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
     for name, t in (("query", query), ("key", key), ("value", value)):
         _tensor(fn, name, t)
         if t.dim() < 3:
-            raise ValueError(f"{fn}: {name} must have at least 3 dims (..., S, D), got {t.dim()}")
+            raise ArgumentError(
+                f"{fn}: {name} must have at least 3 dims (..., S, D), got {t.dim()}")
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"{fn}: query, key and value must have the same number of dims, got "
-                         f"{query.dim()}, {key.dim()} and {value.dim()}")
+        raise ArgumentError(f"{fn}: query, key and value must have the same number of dims, got "
+                            f"{query.dim()}, {key.dim()} and {value.dim()}")
     if is_causal and attn_mask is not None:
-        raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both")
+        raise ArgumentError(f"{fn}: pass either attn_mask or is_causal=True, not both")
     lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
 
     def to_bshd(t):
@@ -172,22 +214,22 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
 
     q, k, v = to_bshd(query), to_bshd(key), to_bshd(value)
     if not enable_gqa and q.shape[2] != k.shape[2]:
-        raise ValueError(f"{fn}: query has {q.shape[2]} heads and key {k.shape[2]}; "
-                         "pass enable_gqa=True for grouped-query attention")
-    if attn_mask is not None and isinstance(attn_mask, torch.Tensor):
+        raise ArgumentError(f"{fn}: query has {q.shape[2]} heads and key {k.shape[2]}; "
+                            "pass enable_gqa=True for grouped-query attention")
+    if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, CausalBias):
         if query.dim() == 3 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         elif query.dim() > 4 and attn_mask.dim() > 3:
             # broadcast over the leading dims that q, k, v flatten into one batch dim
             if attn_mask.dim() > query.dim():
-                raise ValueError(f"{fn}: attn_mask has more dims ({attn_mask.dim()}) than query "
-                                 f"({query.dim()})")
+                raise ArgumentError(f"{fn}: attn_mask has more dims ({attn_mask.dim()}) than query "
+                                    f"({query.dim()})")
             m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
             try:
                 m = m.expand(*lead, *m.shape[-3:])
             except RuntimeError as e:
-                raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not "
-                                 f"broadcastable to query's leading dims {tuple(lead)}") from e
+                raise ArgumentError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} is not "
+                                    f"broadcastable to query's leading dims {tuple(lead)}") from e
             attn_mask = m.reshape(math.prod(m.shape[:-3]), *m.shape[-3:])
     kwargs = dict(causal=bool(is_causal), causal_alignment="top_left", scale=scale,
                   attn_mask=attn_mask, dropout_p=dropout_p)

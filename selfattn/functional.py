@@ -3,32 +3,77 @@
 `attention_weights`. Each checks its arguments (selfattn/_args.py), brings the
 tensors to what the ops take (last dim contiguous, int64 key_lengths, a float
 mask in q's dtype, a (seed, offset) rng_state for dropout) and calls the ops.
+
+`forward` and `probs` are the TorchScript-compatible calls of the ops that the
+functions here and the nn layers share (scripted layers keep the fused ops in
+their graphs). Inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH) the
+torch drop-ins (`scaled_dot_product_attention`, the nn layers) run
+selfattn.reference's math instead, as torch's do (`math_only`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from . import ops
+from . import reference
 from ._args import attention_args, sdpa_to_attention
+from .errors import ArgumentError
 
 __all__ = ["attention", "scaled_dot_product_attention", "attention_weights"]
 
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _rng_state(dropout_p: float, device: torch.device,
-               generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+def rng_state(dropout_p: float, device: torch.device,
+              generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
     """(seed, offset) drawn from `generator` (or torch's default one on `device`)."""
     if dropout_p == 0.0:
         return None
-    gen_device = generator.device if generator is not None else device
-    state = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=gen_device,
+    gen_device = device
+    if not torch.jit.is_scripting():
+        if generator is not None:
+            gen_device = generator.device
+    # seed and offset below 2**62 (a literal: TorchScript reads no globals)
+    state = torch.randint(0, 4611686018427387904, [2], dtype=torch.int64, device=gen_device,
                           generator=generator)
     return state.to(device)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+            key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
+            window_left: int, window_right: int, bottom_right: bool,
+            dropout_p: float) -> Tuple[Tensor, Tensor]:
+    """The forward op on checked arguments: (out, lse)."""
+    return torch.ops.selfattn.attention_forward(
+        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), attn_mask,
+        key_lengths, rng, scale, window_left, window_right, bottom_right, dropout_p)
+
+
+def probs(q: Tensor, k: Tensor, lse: Optional[Tensor], attn_mask: Optional[Tensor],
+          key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float, window_left: int,
+          window_right: int, bottom_right: bool, dropout_p: float) -> Tensor:
+    """The probabilities op on checked arguments (no gradient)."""
+    if attn_mask is not None:
+        attn_mask = attn_mask.detach()
+    if lse is not None:
+        lse = lse.detach().contiguous()
+    return torch.ops.selfattn.attention_probs(
+        _last_dim_contiguous(q.detach()), _last_dim_contiguous(k.detach()), lse, attn_mask,
+        key_lengths, rng, scale, window_left, window_right, bottom_right, dropout_p)
+
+
+def math_only() -> bool:
+    """Whether torch's SDPA backend choice is the math backend alone
+    (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)). Not read under
+    torch.compile, where the fused path always runs."""
+    if torch.compiler.is_compiling():
+        return False
+    b = torch.backends.cuda
+    return b.math_sdp_enabled() and not (
+        b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled())
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
@@ -62,10 +107,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     """
     a = attention_args("selfattn.attention", q, k, v, causal, causal_alignment, window, scale,
                        attn_mask, key_lengths, dropout_p)
-    out, lse = ops.forward_op(
-        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), a.attn_mask,
-        a.key_lengths, _rng_state(a.dropout_p, q.device, generator), a.scale, a.window_left,
-        a.window_right, a.bottom_right, a.dropout_p)
+    rng = rng_state(a.dropout_p, q.device, generator)
+    out, lse = forward(q, k, v, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
+                       a.window_right, a.bottom_right, a.dropout_p)
     return (out, lse) if return_lse else out
 
 
@@ -76,9 +120,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query (N, ..., Hq, L, D), key (N, ..., Hkv, S, D), value (N, ..., Hkv, S, Dv)
     -> (N, ..., Hq, L, Dv). Same semantics as torch: is_causal is top-left
     aligned, a bool attn_mask is True where the key takes part, a float one is
-    added, enable_gqa allows Hq a multiple of Hkv. One difference: a query row
-    that sees no key returns 0 (torch returns NaN).
+    added, enable_gqa allows Hq a multiple of Hkv; torch's CausalBias masks
+    (torch.nn.attention.bias.causal_upper_left / causal_lower_right) run as the
+    kernel's causal flag with their alignment. A query row that sees no key
+    returns 0. Inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH) it runs
+    selfattn.reference's math instead of the fused kernel.
     """
+    if math_only():
+        return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                      is_causal, scale, enable_gqa)
     q, k, v, kwargs, unflatten = sdpa_to_attention(
         "selfattn.scaled_dot_product_attention", query, key, value, attn_mask, dropout_p,
         is_causal, scale, enable_gqa)
@@ -104,12 +154,8 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
         expected = (q.shape[0], q.shape[2], q.shape[1])
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected \
                 or lse.dtype != a.lse_dtype:
-            raise ValueError(f"selfattn.attention_weights: lse must be a {a.lse_dtype} tensor of "
-                             f"shape (B, Hq, Sq) = {expected}")
-        lse = lse.detach().contiguous()
-    with torch.no_grad():
-        return ops.probs_op(
-            _last_dim_contiguous(q.detach()), _last_dim_contiguous(k.detach()), lse,
-            None if a.attn_mask is None else a.attn_mask.detach(), a.key_lengths,
-            _rng_state(a.dropout_p, q.device, generator), a.scale, a.window_left,
-            a.window_right, a.bottom_right, a.dropout_p)
+            raise ArgumentError(f"selfattn.attention_weights: lse must be a {a.lse_dtype} tensor "
+                                f"of shape (B, Hq, Sq) = {expected}")
+    rng = rng_state(a.dropout_p, q.device, generator)
+    return probs(q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
+                 a.window_right, a.bottom_right, a.dropout_p)

@@ -18,8 +18,6 @@ batch-first (B, S, E) inputs): `SelfAttention`, `CausalSelfAttention`,
 One difference from torch everywhere: a query that sees no key at all gets 0
 (torch gives NaN).
 """
-from __future__ import annotations
-
 import math
 from typing import Optional, Tuple, Union
 
@@ -28,7 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
-from .functional import attention, attention_weights
+from . import reference
+from .errors import (ArgumentAssertionError, ArgumentError, ArgumentTypeAssertionError,
+                     ArgumentTypeError)
+from .functional import attention, forward, math_only, probs, rng_state
 
 __all__ = [
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
@@ -39,23 +40,23 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------
-# torch-convention masks -> kernel arguments
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+# torch-convention masks -> kernel arguments (TorchScript-compatible: the
+# drop-in layers script with the fused ops in their graphs)
 
 
 def _suffix_lengths(key_padding_mask: Tensor) -> Optional[Tensor]:
     """(N,) key lengths when the bool (N, S) padding mask (True = padding) pads
     exactly a suffix of every row, else None. Reads the mask on the host, so it
     is skipped under torch.compile (the caller then uses a mask)."""
-    if _is_compiling():
-        return None
-    S = key_padding_mask.shape[1]
-    lengths = S - key_padding_mask.sum(1)
-    suffix = torch.arange(S, device=key_padding_mask.device) >= lengths.unsqueeze(1)
-    return lengths if torch.equal(suffix, key_padding_mask) else None
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_compiling():
+            return None
+    lengths = (~key_padding_mask).sum(1)
+    suffix = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device) \
+        >= lengths.unsqueeze(1)
+    if torch.equal(suffix, key_padding_mask):
+        return lengths
+    return None
 
 
 def _torch_mask_to_selfattn(mask: Tensor, pad: int) -> Tensor:
@@ -63,35 +64,68 @@ def _torch_mask_to_selfattn(mask: Tensor, pad: int) -> Tensor:
     selfattn one (bool True = takes part, or float), with `pad` always-visible
     key columns appended (bias_k / zero-attention keys)."""
     if mask.dtype == torch.bool:
-        return F.pad(~mask, (0, pad), value=True) if pad else ~mask
-    return F.pad(mask, (0, pad), value=0.0) if pad else mask
+        mask = ~mask
+    if pad == 0:
+        return mask
+    shape = list(mask.shape[:-1]) + [pad]
+    always = mask.new_ones(shape) if mask.dtype == torch.bool else mask.new_zeros(shape)
+    return torch.cat([mask, always], -1)
+
+
+def _as_float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A selfattn-convention mask as a float one: bool False -> -inf, True -> 0."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
 
 
 def _merge_masks(a: Optional[Tensor], b: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """Combines two selfattn-convention masks (broadcasting): bool & bool stays
     bool, otherwise the bool one becomes 0 / -inf and the two are added."""
-    if a is None or b is None:
-        return a if b is None else b
+    if a is None:
+        return b
+    if b is None:
+        return a
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
-
-    def as_float(m):
-        if m.dtype != torch.bool:
-            return m.to(dtype)
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-
-    return as_float(a) + as_float(b)
+    return _as_float_mask(a, dtype) + _as_float_mask(b, dtype)
 
 
-def _fork_default_generator(device: torch.device) -> torch.Generator:
-    """A generator in the current state of torch's default one on `device`, so
-    attention_weights redraws the dropout mask the forward is about to draw."""
-    fork = torch.Generator(device=device)
-    if device.type == "cuda":
-        fork.set_state(torch.cuda.default_generators[device.index or 0].get_state())
-    else:
-        fork.set_state(torch.default_generator.get_state())
-    return fork
+def _linear(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+    """F.linear; a bias of another dtype than the weight is added after the
+    product (type promotion), which torch's MultiheadAttention accepts too."""
+    assert w is not None
+    if b is not None and b.dtype != w.dtype:
+        return F.linear(x, w) + b
+    return F.linear(x, w, b)
+
+
+def _chunk3(t: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    if t is None:
+        return None, None, None
+    a, b, c = t.chunk(3)
+    return a, b, c
+
+
+@torch.jit.unused
+def _reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                         key_lengths: Optional[Tensor], causal: bool, dropout_p: float,
+                         need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """selfattn.reference's math for the layers inside sdpa_kernel(SDPBackend.MATH):
+    output and (need_weights) probabilities, with one dropout mask for both."""
+    N, L, H, _ = q.shape
+    keep = None
+    if dropout_p > 0:
+        keep = torch.rand(N, H, L, k.shape[1], device=q.device) >= dropout_p
+    masking = dict(causal=causal, causal_alignment="top_left", attn_mask=attn_mask,
+                   key_lengths=key_lengths, dropout_p=dropout_p, dropout_mask=keep)
+    out = reference.attention(q, k, v, **masking)
+    weights = None
+    if need_weights:
+        with torch.no_grad():
+            weights = reference.attention_weights(q, k, **masking)
+    return out, weights
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +137,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     Same constructor, parameters (in_proj_weight or q/k/v_proj_weight,
     in_proj_bias, out_proj, bias_k, bias_v), initialisation and state_dict as
-    torch's; forward has torch's signature and masks:
+    torch's; forward has torch's signature, masks and errors (exceptions are
+    also AssertionErrors where torch asserts); scriptable with torch.jit.script
+    (the fused ops are in the scripted graph):
 
     Args (forward):
         query: (L, N, E), or (N, L, E) with batch_first, or unbatched (L, E).
@@ -112,22 +148,24 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             float added to the scores. A bool mask that pads a suffix of each
             row runs as per-batch key lengths.
         need_weights: also return the attention probabilities, computed by
-            `selfattn.attention_weights` from the forward's logsumexp (they
-            carry no gradient; in training with dropout they are the dropped-out
-            ones, as torch's).
+            the `attention_probs` op from the forward's logsumexp and dropout
+            state (they carry no gradient; in training with dropout they are
+            the dropped-out ones, as torch's).
         attn_mask: (L, S) or (N * num_heads, L, S); bool True = not allowed, or
             float added.
         average_attn_weights: average the weights over heads.
         is_causal: hint that attn_mask is the causal mask; as in torch it
             requires attn_mask, and the kernel then applies the causal mask
-            itself (top-left aligned) without reading attn_mask.
+            itself (top-left aligned). Without key_padding_mask and weights,
+            attn_mask's shape is not checked either (torch does not read it).
 
     Returns:
         (attn_output, attn_weights): output shaped like query with embed_dim
         features; weights (N, L, S') averaged or (N, num_heads, L, S') (S' = S
         plus bias_k and zero-attention keys), without the batch dim for
         unbatched input, or None when need_weights is False. Queries that see no
-        key give 0 (torch: NaN).
+        key give 0. Nested tensors are refused (torch takes them only on its
+        inference fast path, which this layer does not have).
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -135,9 +173,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         fn = "selfattn.nn.MultiheadAttention"
-        batched = self._check_inputs(fn, query, key, value, key_padding_mask, attn_mask)
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise ArgumentTypeAssertionError(
+                f"{fn}: nested tensor inputs are not supported; pad them (to_padded_tensor) "
+                "and pass key_padding_mask")
+        # As torch: with is_causal, no key_padding_mask and no weights, attn_mask
+        # is only a hint whose shape is not checked.
+        causal_hint = is_causal and key_padding_mask is None and not need_weights
+        batched = self._check_inputs(fn, query, key, value, key_padding_mask, attn_mask,
+                                     causal_hint)
         if is_causal and attn_mask is None:
-            raise RuntimeError(
+            raise ArgumentError(
                 f"{fn}: is_causal=True needs attn_mask (the causal mask it hints at), as in "
                 "torch; build one with torch.nn.Transformer.generate_square_subsequent_mask")
         # Work batch-first: (N, L, E) views of the inputs.
@@ -151,23 +197,27 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         H = self.num_heads
         q, k, v = self._project(query, key, value)
         extra = 0
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            k = torch.cat([k, bias_k.expand(N, 1, E)], dim=1)
+            v = torch.cat([v, bias_v.expand(N, 1, E)], dim=1)
             extra += 1
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)
             v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
             extra += 1
         S = k.shape[1]
-        q, k, v = (t.unflatten(-1, (H, self.head_dim)) for t in (q, k, v))
+        q = q.unflatten(-1, [H, self.head_dim])
+        k = k.unflatten(-1, [H, self.head_dim])
+        v = v.unflatten(-1, [H, self.head_dim])
 
         # With a truthful hint the causal flag equals attn_mask. With appended
         # keys torch itself differs by path: its SDPA path (no key_padding_mask,
         # no weights) applies top-left causality to them too, its other path
         # pads attn_mask so that every query sees them; both are mirrored.
-        causal = is_causal and (extra == 0 or (key_padding_mask is None and not need_weights))
-        mask, key_lengths = None, None
+        causal = is_causal and (extra == 0 or causal_hint)
+        mask: Optional[Tensor] = None
+        key_lengths: Optional[Tensor] = None
         if attn_mask is not None and not causal:
             mask = _torch_mask_to_selfattn(attn_mask, extra)
             if mask.dim() == 3:
@@ -178,69 +228,102 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if key_lengths is None:
                 kpm = _torch_mask_to_selfattn(key_padding_mask, extra).view(N, 1, 1, S)
                 mask = _merge_masks(mask, kpm, q.dtype)
-        masking = dict(causal=causal, causal_alignment="top_left", attn_mask=mask,
-                       key_lengths=key_lengths)
-        dropout_p = self.dropout if self.training else 0.0
-        weights_generator = None
-        if need_weights and dropout_p > 0:
-            weights_generator = _fork_default_generator(q.device)
-        out, lse = attention(q, k, v, dropout_p=dropout_p, return_lse=True, **masking)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        dropout_p = float(self.dropout) if self.training else 0.0
+        weights: Optional[Tensor] = None
+        reference_math = False
+        if not torch.jit.is_scripting():
+            reference_math = math_only()
+        if reference_math:
+            out, weights = _reference_attention(q, k, v, mask, key_lengths, causal, dropout_p,
+                                                need_weights)
+        else:
+            # One dropout state for the output and the weights: the same mask.
+            rng = rng_state(dropout_p, q.device)
+            scale = 1.0 / math.sqrt(self.head_dim)
+            right = 0 if causal else -1
+            out, lse = forward(q, k, v, mask, key_lengths, rng, scale, -1, right, False,
+                               dropout_p)
+            if need_weights:
+                weights = probs(q, k, lse, mask, key_lengths, rng, scale, -1, right, False,
+                                dropout_p)
         # (N, L, H, D) -> query's layout, one copy, then the output projection.
-        out = out.flatten(2) if (self.batch_first or not batched) else out.transpose(0, 1).flatten(2)
+        if self.batch_first or not batched:
+            out = out.flatten(2)
+        else:
+            out = out.transpose(0, 1).flatten(2)
         out = self.out_proj(out)
         if not batched:
             out = out.squeeze(0)
-        weights = None
-        if need_weights:
-            weights = attention_weights(q, k, dropout_p=dropout_p, generator=weights_generator,
-                                        lse=lse, **masking)
+        if weights is not None:
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if not batched:
                 weights = weights.squeeze(0)
         return out, weights
 
-    def _check_inputs(self, fn, query, key, value, key_padding_mask, attn_mask) -> bool:
-        """torch's shape checks, as ValueErrors naming the argument; returns
-        whether the input is batched."""
-        if query.dim() not in (2, 3):
-            raise ValueError(f"{fn}: query must be (L, E) unbatched or 3-D batched, got shape "
-                             f"{tuple(query.shape)}")
+    def _check_inputs(self, fn: str, query: Tensor, key: Tensor, value: Tensor,
+                      key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                      causal_hint: bool) -> bool:
+        """torch's checks (errors that are also AssertionErrors, naming the
+        argument); returns whether the input is batched."""
+        if query.dim() != 2 and query.dim() != 3:
+            raise ArgumentAssertionError(
+                f"{fn}: query must be (L, E) unbatched or 3-D batched, got shape "
+                f"{list(query.shape)}")
         batched = query.dim() == 3
-        for name, t, dim in (("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.dim() != query.dim():
-                raise ValueError(f"{fn}: {name} must be {query.dim()}-D like query, got shape "
-                                 f"{tuple(t.shape)}")
-            if t.shape[-1] != dim:
-                raise ValueError(f"{fn}: {name} must have {dim} features, got {t.shape[-1]}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ArgumentAssertionError(
+                f"{fn}: key and value must be {query.dim()}-D like query, got shapes "
+                f"{list(key.shape)} and {list(value.shape)}")
+        if key.shape[-1] != self.kdim:
+            raise ArgumentAssertionError(
+                f"{fn}: key must have {self.kdim} features, got {key.shape[-1]}")
+        if value.shape[-1] != self.vdim:
+            raise ArgumentAssertionError(
+                f"{fn}: value must have {self.vdim} features, got {value.shape[-1]}")
         if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"{fn}: query must have embed_dim={self.embed_dim} features, got "
-                             f"{query.shape[-1]}")
+            raise ArgumentAssertionError(
+                f"{fn}: query must have embed_dim={self.embed_dim} features, got "
+                f"{query.shape[-1]}")
         seq = 1 if (batched and self.batch_first) else 0
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must "
-                             "agree in batch and sequence length")
-        if batched and key.shape[1 - seq] != query.shape[1 - seq]:
-            raise ValueError(f"{fn}: key has batch size {key.shape[1 - seq]}, query "
-                             f"{query.shape[1 - seq]}")
-        N = query.shape[1 - seq] if batched else 1
+            raise ArgumentAssertionError(
+                f"{fn}: key {list(key.shape)} and value {list(value.shape)} must agree in "
+                "batch and sequence length")
+        N = 1
+        if batched:
+            N = query.shape[1 - seq]
+            if key.shape[1 - seq] != N:
+                raise ArgumentAssertionError(
+                    f"{fn}: key has batch size {key.shape[1 - seq]}, query {N}")
         L, S = query.shape[seq], key.shape[seq]
         if key_padding_mask is not None:
-            expected = (N, S) if batched else (S,)
-            if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(f"{fn}: key_padding_mask must have shape {expected}, got "
-                                 f"{tuple(key_padding_mask.shape)}")
+            expected = [N, S] if batched else [S]
+            if list(key_padding_mask.shape) != expected:
+                raise ArgumentAssertionError(
+                    f"{fn}: key_padding_mask must have shape {expected}, got "
+                    f"{list(key_padding_mask.shape)}")
             if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
-                raise TypeError(f"{fn}: key_padding_mask must be bool or float, got "
-                                f"{key_padding_mask.dtype}")
+                raise ArgumentTypeAssertionError(
+                    f"{fn}: key_padding_mask must be bool or float, got {key_padding_mask.dtype}")
         if attn_mask is not None:
-            allowed = ((L, S), (N * self.num_heads, L, S))
-            if tuple(attn_mask.shape) not in allowed:
-                raise ValueError(f"{fn}: attn_mask must have shape (L, S) = {allowed[0]} or "
-                                 f"(N * num_heads, L, S) = {allowed[1]}, got "
-                                 f"{tuple(attn_mask.shape)}")
             if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-                raise TypeError(f"{fn}: attn_mask must be bool or float, got {attn_mask.dtype}")
+                raise ArgumentTypeAssertionError(
+                    f"{fn}: attn_mask must be bool or float, got {attn_mask.dtype}")
+            shape = list(attn_mask.shape)
+            two_d, three_d = [L, S], [N * self.num_heads, L, S]
+            if attn_mask.dim() != 2 and attn_mask.dim() != 3:
+                raise ArgumentAssertionError(
+                    f"{fn}: attn_mask must be 2-D (L, S) = {two_d} or 3-D (N * num_heads, L, S) "
+                    f"= {three_d}, got shape {shape}")
+            # torch checks an unbatched 3-D mask's shape even when it is only a hint
+            if (not causal_hint or (not batched and attn_mask.dim() == 3)) \
+                    and shape != two_d and shape != three_d:
+                raise ArgumentAssertionError(
+                    f"{fn}: attn_mask must have shape (L, S) = {two_d} or (N * num_heads, L, S) "
+                    f"= {three_d}, got {shape}")
         return batched
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -248,18 +331,25 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         runs one packed matmul and returns views of its output."""
         E = self.embed_dim
         b = self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
-            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                    F.linear(value, self.v_proj_weight, bv))
+            bq, bk, bv = _chunk3(b)
+            return (_linear(query, self.q_proj_weight, bq), _linear(key, self.k_proj_weight, bk),
+                    _linear(value, self.v_proj_weight, bv))
         w = self.in_proj_weight
+        assert w is not None
         if query is key and key is value:
-            return F.linear(query, w, b).chunk(3, dim=-1)
+            q, k, v = _linear(query, w, b).chunk(3, dim=-1)
+            return q, k, v
         if key is value:
-            kv = F.linear(key, w[E:], None if b is None else b[E:])
-            return (F.linear(query, w[:E], bq),) + kv.chunk(2, dim=-1)
+            bq: Optional[Tensor] = None
+            bkv: Optional[Tensor] = None
+            if b is not None:
+                bq, bkv = b[:E], b[E:]
+            k, v = _linear(key, w[E:], bkv).chunk(2, dim=-1)
+            return _linear(query, w[:E], bq), k, v
         wq, wk, wv = w.chunk(3)
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        bq, bk, bv = _chunk3(b)
+        return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
 
 
 def _use_fused(mha: torch.nn.MultiheadAttention) -> MultiheadAttention:
@@ -339,7 +429,7 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
 
 def _check_btc(fn: str, name: str, x: Tensor, features: int) -> None:
     if x.dim() != 3 or x.shape[-1] != features:
-        raise ValueError(f"{fn}: {name} must be (B, S, {features}), got shape {tuple(x.shape)}")
+        raise ArgumentError(f"{fn}: {name} must be (B, S, {features}), got shape {tuple(x.shape)}")
 
 
 class SelfAttention(torch.nn.Module):
@@ -362,8 +452,8 @@ class SelfAttention(torch.nn.Module):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
                 key_lengths: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 3:
-            raise ValueError(f"selfattn.nn.SelfAttention: x must be (B, S, D), got shape "
-                             f"{tuple(x.shape)}")
+            raise ArgumentError(f"selfattn.nn.SelfAttention: x must be (B, S, D), got shape "
+                                f"{tuple(x.shape)}")
         h = x.unsqueeze(2)  # (B, S, 1, D)
         out = attention(h, h, h, causal=self.causal, scale=None if self.scaled else 1.0,
                         attn_mask=attn_mask, key_lengths=key_lengths)
@@ -385,13 +475,13 @@ class _ProjectedSelfAttention(torch.nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads != 0:
-            raise ValueError(f"{self._name}: embed_dim {embed_dim} is not divisible by num_heads "
-                             f"{num_heads}")
+            raise ArgumentError(
+                f"{self._name}: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
-            raise ValueError(f"{self._name}: num_kv_heads {num_kv_heads} must divide num_heads "
-                             f"{num_heads}")
+            raise ArgumentError(f"{self._name}: num_kv_heads {num_kv_heads} must divide num_heads "
+                                f"{num_heads}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{self._name}: dropout must be in [0, 1), got {dropout}")
+            raise ArgumentError(f"{self._name}: dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
@@ -452,8 +542,8 @@ class LocalSelfAttention(_ProjectedSelfAttention):
         if isinstance(window, int):
             window = (window, window)
         if len(window) != 2 or any(not isinstance(w, int) or w < 0 for w in window):
-            raise ValueError(f"{self._name}: window must be an int >= 0 or a pair of them, got "
-                             f"{window!r}")
+            raise ArgumentError(f"{self._name}: window must be an int >= 0 or a pair of them, got "
+                                f"{window!r}")
         self.window = tuple(window)
         self.causal = causal
 
@@ -489,8 +579,8 @@ class HierarchicalSelfAttention(torch.nn.Module):
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
         if segment_len < 1:
-            raise ValueError(f"selfattn.nn.HierarchicalSelfAttention: segment_len must be >= 1, "
-                             f"got {segment_len}")
+            raise ArgumentError(f"selfattn.nn.HierarchicalSelfAttention: segment_len must be >= 1, "
+                                f"got {segment_len}")
         self.segment_len = segment_len
         kw = dict(dropout=dropout, bias=bias, device=device, dtype=dtype)
         self.local = _SegmentSelfAttention(embed_dim, num_heads, **kw)
@@ -614,22 +704,24 @@ def additive_attention(qw: Tensor, ku: Tensor, v: Tensor, w: Tensor,
     fn = "selfattn.nn.additive_attention"
     B, Sq, A = qw.shape
     if ku.dim() != 3 or ku.shape[0] != B or ku.shape[2] != A:
-        raise ValueError(f"{fn}: ku must be (B, Sk, A) = ({B}, Sk, {A}), got {tuple(ku.shape)}")
+        raise ArgumentError(f"{fn}: ku must be (B, Sk, A) = ({B}, Sk, {A}), got {tuple(ku.shape)}")
     if v.dim() != 3 or v.shape[:2] != ku.shape[:2]:
-        raise ValueError(f"{fn}: v must be (B, Sk, Dv) with (B, Sk) = {tuple(ku.shape[:2])}, got "
-                         f"{tuple(v.shape)}")
+        raise ArgumentError(f"{fn}: v must be (B, Sk, Dv) with (B, Sk) = {tuple(ku.shape[:2])}, "
+                            f"got {tuple(v.shape)}")
     if w.shape != (A,):
-        raise ValueError(f"{fn}: w must have shape ({A},), got {tuple(w.shape)}")
+        raise ArgumentError(f"{fn}: w must have shape ({A},), got {tuple(w.shape)}")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
-            raise TypeError(f"{fn}: attn_mask must be bool (True = takes part), got {attn_mask.dtype}")
+            raise ArgumentTypeError(
+                f"{fn}: attn_mask must be bool (True = takes part), got {attn_mask.dtype}")
         attn_mask = attn_mask.expand(B, Sq, ku.shape[1])
     if key_lengths is not None and tuple(key_lengths.shape) != (B,):
-        raise ValueError(f"{fn}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
+        raise ArgumentError(
+            f"{fn}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
     if chunk_size is None:
         chunk_size = max(1, 2**22 // max(1, B * Sq * A))
     if chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be >= 1, got {chunk_size}")
+        raise ArgumentError(f"{fn}: chunk_size must be >= 1, got {chunk_size}")
     out, lse = _AdditiveAttentionFn.apply(qw, ku, v, w, attn_mask, key_lengths, int(chunk_size))
     return (out, lse) if return_lse else out
 
@@ -715,8 +807,8 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         S = x.shape[1] if self.batch_first else x.shape[0]
         if offset + S > self.pe.shape[0]:
-            raise ValueError(f"selfattn.nn.SinusoidalPositionalEncoding: offset + sequence length "
-                             f"{offset + S} exceeds max_len {self.pe.shape[0]}")
+            raise ArgumentError(f"selfattn.nn.SinusoidalPositionalEncoding: offset + sequence "
+                                f"length {offset + S} exceeds max_len {self.pe.shape[0]}")
         pe = self.pe[offset:offset + S].to(x.dtype)
         return self.dropout(x + (pe if self.batch_first else pe.unsqueeze(1)))
 
@@ -736,7 +828,8 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False):
         super().__init__()
         if head_dim % 2:
-            raise ValueError(f"selfattn.nn.RotaryEmbedding: head_dim must be even, got {head_dim}")
+            raise ArgumentError(
+                f"selfattn.nn.RotaryEmbedding: head_dim must be even, got {head_dim}")
         self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
@@ -756,8 +849,8 @@ class RotaryEmbedding(torch.nn.Module):
         fn = "selfattn.nn.RotaryEmbedding"
         for name, t in (("q", q), ("k", k)):
             if t.dim() != 4 or t.shape[-1] != self.head_dim:
-                raise ValueError(f"{fn}: {name} must be (B, S, H, {self.head_dim}), got shape "
-                                 f"{tuple(t.shape)}")
+                raise ArgumentError(f"{fn}: {name} must be (B, S, H, {self.head_dim}), got shape "
+                                    f"{tuple(t.shape)}")
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if positions is None:
             positions = torch.arange(offset, offset + q.shape[1], device=q.device)

@@ -129,12 +129,16 @@ def test_mha_masks_reach_the_kernel_efficiently(monkeypatch):
     """A suffix padding runs as key_lengths, any other padding as one
     (N, 1, 1, S) mask, the causal hint as the kernel's causal flag."""
     calls = []
+    names = ("q", "k", "v", "attn_mask", "key_lengths", "rng", "scale", "window_left",
+             "window_right", "bottom_right", "dropout_p")
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return selfattn.attention(*args, **kwargs)
+    def spy(*args):
+        call = dict(zip(names, args))
+        call["causal"] = call["window_right"] == 0
+        calls.append(call)
+        return selfattn.functional.forward(*args)
 
-    monkeypatch.setattr(sa, "attention", spy)
+    monkeypatch.setattr(sa, "forward", spy)
     m = sa.MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(N, L, E)
     suffix, _, _ = _masks("kpm_suffix", L, L, torch.float32)

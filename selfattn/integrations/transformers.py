@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import ArgumentError
 from ..functional import attention
 
 NAME = "selfattn"
@@ -37,8 +38,8 @@ def selfattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     value (B, Hkv, Sk, Dv), attention_mask bool/float broadcastable to
     (B, Hq, Sq, Sk) or None -> ((B, Sq, Hq, Dv), None)."""
     if kwargs.get("softcap") is not None:
-        raise ValueError("selfattn attention does not support softcap; use attn_implementation="
-                         "'eager' for models that need it")
+        raise ArgumentError("selfattn attention does not support softcap; use attn_implementation="
+                            "'eager' for models that need it")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     if position_bias is not None:
