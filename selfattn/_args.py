@@ -46,7 +46,8 @@ def _tensor(fn, name, t):
     if t.is_nested:
         raise ArgumentTypeError(
             f"{fn}: {name} is a nested tensor, which selfattn does not take; pad it "
-            "(to_padded_tensor) and pass the lengths as key_lengths or a mask")
+            "(to_padded_tensor) and mask the padding (attn_mask, or key_lengths in "
+            "selfattn.attention)")
     if t.layout != torch.strided:
         raise ArgumentTypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout "
                                 f"{t.layout}")
@@ -201,7 +202,7 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
     if not (query.dim() == key.dim() == value.dim()):
         raise ArgumentError(f"{fn}: query, key and value must have the same number of dims, got "
                             f"{query.dim()}, {key.dim()} and {value.dim()}")
-    if is_causal and attn_mask is not None:
+    if is_causal and attn_mask is not None and not isinstance(attn_mask, CausalBias):
         raise ArgumentError(f"{fn}: pass either attn_mask or is_causal=True, not both")
     lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
 

@@ -1,10 +1,12 @@
 """Shared helpers of the selfattn.nn tests: run a module forward and backward
 with a fixed cotangent, and judge every result with selfattn.testing's
 DESIGN.md section 5 check (error against float64 golden at most
-max(floor, 2 x the same-dtype reference's))."""
+max(floor, 2 x the same-dtype reference's)); round-trip a scripted module
+through torch.jit.save and load."""
 from __future__ import annotations
 
 import copy
+import io
 
 import torch
 
@@ -45,3 +47,11 @@ def assert_golden(ours, ref, golden, names=None):
         assert (o is None) == (g is None), f"{name}: gradient presence differs"
         if g is not None:
             assert_close_to_golden(name, o, r, g)
+
+
+def save_load(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """`scripted` after torch.jit.save and torch.jit.load (in memory)."""
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    return torch.jit.load(buf)
