@@ -117,3 +117,27 @@ torch.library.register_autograd("selfattn::attention_forward", _backward,
 _lib = torch.library.Library("selfattn", "IMPL")
 for _name in ("attention_backward", "attention_probs"):
     _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+
+
+# Autocast, as torch's scaled_dot_product_attention: inside torch.autocast the
+# forward and probabilities ops run in the autocast dtype, their floating-point
+# inputs (q, k, v, a float mask; float64 excepted, and never lse) cast to it.
+def _register_autocast(name, cast_args, device_type):
+    op = getattr(torch.ops.selfattn, name).default
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = [a.to(dtype) if i in cast_args and isinstance(a, torch.Tensor)
+                and a.is_floating_point() and a.dtype != torch.float64 else a
+                for i, a in enumerate(args)]
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*args)
+
+    _lib.impl(name, kernel, key, with_keyset=True)
+
+
+for _device in ("cpu", "cuda"):
+    _register_autocast("attention_forward", (0, 1, 2, 3), _device)  # q, k, v, attn_mask
+    _register_autocast("attention_probs", (0, 1, 3), _device)  # q, k, attn_mask

@@ -12,6 +12,7 @@ selfattn.reference, which shares selfattn's argument parsing):
 - nested and sparse inputs are refused with a clear message;
 - sdpa_kernel(SDPBackend.MATH) runs the reference math, other backend
   choices the fused kernel;
+- under torch.autocast it runs in the autocast dtype, as torch's;
 - a query row that sees no key gives 0, as torch 2.13 and 2.14 do on CPU.
 """
 import warnings
@@ -238,6 +239,31 @@ def test_sdpa_kernel_math_runs_the_reference(fused_calls):
         with sdpa_kernel(backends):
             selfattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert len(fused_calls) == 3
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autocast_runs_in_the_autocast_dtype_as_torch(compiled):
+    """Inside torch.autocast("cpu", bfloat16) float32 inputs and a float mask
+    run in bfloat16 (float64 stays float64); gradients reach the float32
+    leaves through the casts."""
+    q, k, v = _qkv(2, 2, 2, 5, 7)
+    mask = rand(5, 7, requires_grad=True)
+    sdpa = selfattn.scaled_dot_product_attention
+    if compiled:
+        sdpa = torch.compile(sdpa, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa(q, k, v, attn_mask=mask)
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        as_float64 = selfattn.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert out.dtype == theirs.dtype == torch.bfloat16 and as_float64.dtype == torch.float64
+    cast = [t.detach().bfloat16().requires_grad_() for t in (q, k, v, mask)]
+    expected = selfattn.scaled_dot_product_attention(*cast[:3], attn_mask=cast[3])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v, mask))
+    expected_grads = torch.autograd.grad(expected.float().sum(), cast)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
