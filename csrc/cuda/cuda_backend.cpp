@@ -10,13 +10,13 @@
 //  - probabilities always through the simple probs kernel.
 // The backward's dQ uses fp32 atomics, or a second kernel without atomics
 // when torch.use_deterministic_algorithms(True) is on.
+// The device guard, stream, attributes and registration come from
+// device_context.h, so that the emulated build (tests/simt) runs this same
+// kernel choice on the CPU.
 #include <ATen/Context.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../attention.h"
+#include "device_context.h"
 #include "kernels.h"
 
 namespace selfattn {
@@ -34,19 +34,10 @@ DType to_dtype(at::ScalarType t) {
   TORCH_CHECK(false, "selfattn: unsupported dtype ", t);
 }
 
-// Attribute of the current device (cheap: the driver caches them; ATen's
-// getDeviceProperties would pull in headers of cuBLAS and cuSPARSE).
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
 // A window side at least Sq + Sk wide bounds nothing: make it unbounded so
 // that the kernels' index arithmetic cannot overflow.
 AttnParams normalized(const AttnParams& p) {
   AttnParams n = p;
-  TORCH_CHECK(n.device >= 0, "selfattn: CUDA kernel called without a CUDA device index");
   if (n.window_left > n.Sq + n.Sk) n.window_left = -1;
   if (n.window_right > n.Sq + n.Sk) n.window_right = -1;
   return n;
@@ -118,8 +109,8 @@ bool dmask_sums(const AttnBwdParams& p) {
 
 void forward(const AttnParams& p0, at::ScalarType dtype) {
   const AttnParams p = normalized(p0);
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(p.device);
+  const cudaStream_t stream = current_stream();
   int bucket = flash_bucket(p, dtype);
   if (bucket != 0 && !(aligned16(p.out, p.B, p.Sq, p.Hq) && smem_fits(p, fwd_smem(bucket)))) {
     bucket = 0;
@@ -136,8 +127,8 @@ void forward(const AttnParams& p0, at::ScalarType dtype) {
 void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
   AttnBwdParams p = p0;
   static_cast<AttnParams&>(p) = normalized(p0);
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(p.device);
+  const cudaStream_t stream = current_stream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   if (p.dmask.ptr != nullptr && dmask_sums(p)) {
     at::globalContext().alertNotDeterministic(
@@ -158,8 +149,7 @@ void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
   }
   at::Tensor dq_accum;  // float32 (B, Sq, Hq, D), zeroed: the atomic dQ path
   if (!deterministic) {
-    dq_accum = at::zeros({p.B, p.Sq, p.Hq, p.D},
-                         at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, p.device));
+    dq_accum = at::zeros({p.B, p.Sq, p.Hq, p.D}, device_options(p.device).dtype(at::kFloat));
   }
   float* acc = deterministic ? nullptr : dq_accum.data_ptr<float>();
   if (dtype == at::kHalf) {
@@ -171,8 +161,8 @@ void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
 
 void probs(const AttnParams& p0, void* out, bool compute_lse, at::ScalarType dtype) {
   const AttnParams p = normalized(p0);
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(p.device);
+  const cudaStream_t stream = current_stream();
   if (compute_lse) {
     AttnParams lse_only = p;
     lse_only.out.ptr = nullptr;  // the fallback forward then writes lse only
@@ -187,4 +177,4 @@ const Backend kCudaBackend{forward, backward, probs};
 }  // namespace cuda
 }  // namespace selfattn
 
-TORCH_LIBRARY_IMPL(selfattn, CUDA, m) { SELFATTN_REGISTER_BACKEND(m, ::selfattn::cuda::kCudaBackend); }
+SELFATTN_REGISTER_CUDA_BACKEND(::selfattn::cuda::kCudaBackend)

@@ -8,11 +8,18 @@
 // Notation: lane = threadIdx.x % 32, g = lane / 4, t = lane % 4. A warp's
 // C fragment element e of n-tile nt sits at row g + 8 * (e / 2), column
 // 8 * nt + 2 * t + e % 2.
+// In the emulated build (SELFATTN_SIMT, tests/simt) simt/device.h stands in
+// for CUDA, and the PTX wrappers below call the emulator instead of asm.
 #pragma once
+#ifdef SELFATTN_SIMT
+#include "simt/device.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../params.h"
 #include "../philox.h"
@@ -170,8 +177,39 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // ---------------------------------------------------------------------------
-// PTX wrappers (sm80+).
+// PTX wrappers (sm80+): every inline asm of the kernels is here.
 
+#ifdef SELFATTN_SIMT
+// The array behind the flash kernels' `extern __shared__ ... smem[]`
+// (__shared__ is thread_local in the emulator), registered with the emulator.
+inline thread_local __align__(128) unsigned char smem[228 * 1024];
+inline unsigned char* dynamic_smem() { return smem; }
+inline const bool dynamic_smem_registered = ::simt::register_dynamic_shared(&dynamic_smem, sizeof(smem));
+
+// 16-byte async copy; when !valid the 16 destination bytes are zero-filled
+// (src-size 0) and `src` must still be a valid global address.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  ::simt::cp_async(dst, src, 16, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { ::simt::cp_async_commit(); }
+template <int kPending> __device__ __forceinline__ void cp_async_wait() {
+  ::simt::cp_async_wait(kPending);
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  ::simt::ldmatrix(r, 4, false, p);
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  ::simt::ldmatrix(r, 4, true, p);
+}
+// d += a * b for one 16x8x16 tile (CUDA_FACTS 1).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  ::simt::mma_m16n8k16(d, a, b,
+                       std::is_same<T, __half>::value ? ::simt::MmaType::F16 : ::simt::MmaType::BF16);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -224,6 +262,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // SELFATTN_SIMT
 
 // ---------------------------------------------------------------------------
 // Shared-memory tiles: (rows, kCols) row-major, 16-byte chunks XOR-swizzled

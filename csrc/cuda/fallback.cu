@@ -13,7 +13,7 @@
 //    query head of its kv head: dv += P~ dout, dk += dS q. No atomics on
 //    dq/dk/dv, so the fallback backward is deterministic;
 //  - probs: one warp per query row, lanes over keys, from the saved lse.
-#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 
@@ -347,16 +347,14 @@ void run_fallback_fwd(const AttnParams& p, DType dtype, cudaStream_t stream) {
   TORCH_CHECK(p.D <= kMaxD && p.Dv <= kMaxD, "selfattn: head dim above ", kMaxD);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    fallback_fwd_kernel<T><<<row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(fallback_fwd_kernel<T>, row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream, p);
   });
 }
 
 void run_bwd_delta(const AttnBwdParams& p, DType dtype, cudaStream_t stream) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    bwd_delta_kernel<T><<<row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(bwd_delta_kernel<T>, row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream, p);
   });
 }
 
@@ -364,10 +362,8 @@ void run_fallback_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream) 
   TORCH_CHECK(p.D <= kMaxD && p.Dv <= kMaxD, "selfattn: head dim above ", kMaxD);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    fallback_bwd_dq_kernel<T><<<row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fallback_bwd_dkv_kernel<T><<<row_blocks(p.B * p.Hkv * p.Sk), kWarps * 32, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(fallback_bwd_dq_kernel<T>, row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream, p);
+    launch(fallback_bwd_dkv_kernel<T>, row_blocks(p.B * p.Hkv * p.Sk), kWarps * 32, 0, stream, p);
   });
 }
 
@@ -375,9 +371,8 @@ void run_probs(const AttnParams& p, void* probs, DType dtype, cudaStream_t strea
   TORCH_CHECK(p.D <= kMaxD, "selfattn: head dim above ", kMaxD);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    probs_kernel<T><<<row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream>>>(
-        p, static_cast<T*>(probs));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(probs_kernel<T>, row_blocks(p.B * p.Hq * p.Sq), kWarps * 32, 0, stream, p,
+           static_cast<T*>(probs));
   });
 }
 

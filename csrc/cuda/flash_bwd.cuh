@@ -17,8 +17,6 @@
 // rows that see no key get P = 0 and zero gradients.
 // Included by flash_bwd_{fp16,bf16}.cu, which instantiate run_flash_bwd.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
 
 #include "device_utils.cuh"
@@ -348,29 +346,19 @@ template <typename T, int kD>
 void run_flash_bwd(const AttnBwdParams& p, float* dq_accum, cudaStream_t stream) {
   {
     using Cfg = BwdConfig<kD>;
-    constexpr size_t smem = bwd_smem_bytes<kD>();
-    auto kernel = flash_bwd_dkv_kernel<T, kD>;
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     const dim3 grid(unsigned((p.Sk + Cfg::kBc - 1) / Cfg::kBc * Cfg::kSplit), unsigned(p.Hkv),
                     unsigned(p.B));
-    kernel<<<grid, Cfg::kWarps * 32, smem, stream>>>(p, dq_accum);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(flash_bwd_dkv_kernel<T, kD>, grid, Cfg::kWarps * 32, bwd_smem_bytes<kD>(), stream, p,
+           dq_accum);
   }
   if (dq_accum != nullptr) {
     const int64_t n = p.B * p.Sq * p.Hq * p.D;
     const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 65536));
-    flash_bwd_dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p, dq_accum);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(flash_bwd_dq_convert_kernel<T>, blocks, 256, 0, stream, p, dq_accum);
   } else {
     using Cfg = DqConfig<kD>;
-    constexpr size_t smem = dq_smem_bytes<kD>();
-    auto kernel = flash_bwd_dq_kernel<T, kD>;
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     const dim3 grid(unsigned((p.Sq + Cfg::kBr - 1) / Cfg::kBr), unsigned(p.Hq), unsigned(p.B));
-    kernel<<<grid, Cfg::kWarps * 32, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(flash_bwd_dq_kernel<T, kD>, grid, Cfg::kWarps * 32, dq_smem_bytes<kD>(), stream, p);
   }
 }
 

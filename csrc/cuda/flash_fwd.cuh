@@ -9,8 +9,6 @@
 // lse = max + ln(l); rows that see no key get 0 and -inf.
 // Included by flash_fwd_{fp16,bf16}.cu, which instantiate run_flash_fwd.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-
 #include "device_utils.cuh"
 #include "kernels.h"
 
@@ -153,13 +151,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
 template <typename T, int kD>
 void run_flash_fwd(const AttnParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<kD>;
-  constexpr size_t smem = fwd_smem_bytes<kD>();
-  auto kernel = flash_fwd_kernel<T, kD>;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const dim3 grid(unsigned((p.Sq + Cfg::kBr - 1) / Cfg::kBr), unsigned(p.Hq), unsigned(p.B));
-  kernel<<<grid, Cfg::kWarps * 32, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(flash_fwd_kernel<T, kD>, grid, Cfg::kWarps * 32, fwd_smem_bytes<kD>(), stream, p);
 }
 
 }  // namespace cuda

@@ -4,13 +4,10 @@
 // the .cu files, which never see ATen. Every entry point launches on `stream`
 // and checks each launch; the caller holds the device guard.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
-
 #include <cstddef>
 
 #include "../params.h"
+#include "launch.h"
 
 namespace selfattn {
 namespace cuda {
