@@ -6,13 +6,16 @@
     selfattn.reference                                  # plain-PyTorch oracle
     selfattn.nn                                         # drop-in layers
     selfattn.errors                                     # exception classes
+    selfattn.enable_sdpa() / disable_sdpa()             # selfattn as torch's SDPA flash kernel
 """
 import torch  # noqa: F401
 
-from . import errors, nn, ops, reference
+from . import errors, nn, ops, reference, sdpa
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import attention, attention_weights, scaled_dot_product_attention
+from .sdpa import disable_sdpa, enable_sdpa
 
 __all__ = ["attention", "scaled_dot_product_attention", "attention_weights", "reference", "ops",
-           "nn", "errors", "ArgumentError", "ArgumentTypeError"]
+           "nn", "errors", "sdpa", "ArgumentError", "ArgumentTypeError", "enable_sdpa",
+           "disable_sdpa"]
 __version__ = "0.1.0"
