@@ -98,6 +98,25 @@ __global__ void shfl_kernel(const Params p) {
   o[4] = int32_t(__ballot_sync(0xffffffffu, lane & 1));
 }
 
+// ---- conversions, 32 threads over n values: in0 float32 -> out 16-bit patterns
+// (round to nearest even), or in0 16-bit patterns -> out float32.
+template <typename T> __global__ void to_16bit_kernel(const Params p) {
+  const int64_t n = p.in_bytes[0] / 4;
+  for (int64_t i = threadIdx.x; i < n; i += 32) {
+    out<T>(p)[i] = cuda::TypeTraits<T>::from_acc(in<float>(p, 0)[i]);
+  }
+}
+template <typename T> __global__ void from_16bit_kernel(const Params p) {
+  const int64_t n = p.in_bytes[0] / 2;
+  for (int64_t i = threadIdx.x; i < n; i += 32) {
+    out<float>(p)[i] = cuda::TypeTraits<T>::to_acc(in<T>(p, 0)[i]);
+  }
+}
+
+// ---- thread order: every thread of 4 warps writes its index to out[0]; the
+// last one to run wins (global memory has no race detector).
+__global__ void last_writer(const Params p) { out<int32_t>(p)[0] = int32_t(threadIdx.x); }
+
 // ---- what the emulator must report (each writes out[0] so that it does something).
 
 __global__ void race_across_warps(const Params p) {  // 64 threads
@@ -160,6 +179,11 @@ const Probe kProbes[] = {
     {"ldmatrix_trans", ldmatrix_kernel<true>, 32},
     {"cp_async", cp_async_kernel, 64},
     {"shfl", shfl_kernel, 32},
+    {"to_half", to_16bit_kernel<__half>, 32},
+    {"to_bf16", to_16bit_kernel<__nv_bfloat16>, 32},
+    {"from_half", from_16bit_kernel<__half>, 32},
+    {"from_bf16", from_16bit_kernel<__nv_bfloat16>, 32},
+    {"last_writer", last_writer, 128},
     {"race_across_warps", race_across_warps, 64},
     {"race_within_warp", race_within_warp, 32},
     {"synced_within_warp", synced_within_warp, 32},

@@ -1,0 +1,307 @@
+"""selfattn's CUDA kernels executed on the CPU by the SIMT emulator (issue 13).
+
+Each case runs the emulated backend's ops (torch.ops.selfattn_simt: the same
+csrc/cuda sources, launchers and cuda_backend.cpp kernel choice as the GPU
+build) on CPU tensors: attention_forward, attention_backward (dq, dk, dv and
+a float mask's gradient) and attention_probs (with and without the saved
+lse). Outputs start as NaN bytes and must be written whole (the emulated
+backend checks), and every output and gradient is judged against the
+float64 reference with DESIGN.md's bound: error <= max(atol_floor, 2 x the
+same-dtype reference's error) (selfattn.testing). Each case also names the
+kernel family it must take (flash: tensor cores, fallback: the simple
+kernels), checked in the emulator's launch log, and runs with its own
+thread-order seed. Dropout cases use the kept elements of the CPU op
+(torch.ops.selfattn) on the same inputs and rng_state, and check that the
+emulated kernels keep exactly those.
+
+The default grid covers every head-dim bucket (64, 128, 256) and non-bucket
+sizes, D != Dv, S in {1, 17, 64, 129} and lengths with several K/V tiles and
+both cp.async stages, Sq != Sk, both causal alignments, windows, GQA and
+MQA, key_lengths (including 0), bool and float masks of several broadcast
+shapes (float masks with their gradient), dropout, rows that see no key,
+transposed, packed and unaligned layouts, the atomic and the deterministic
+dQ paths, and emulated devices without enough shared memory or without
+sm80; for float16/bfloat16 (flash and fallback kernels) and float32/float64
+(fallback kernels). The `slow` grid crosses more of these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional
+
+import pytest
+import torch
+
+import selfattn  # noqa: F401  (the CPU ops, for dropout's kept elements)
+from selfattn import reference
+from selfattn._args import attention_args
+from selfattn.testing import assert_close_to_golden
+
+from conftest import SM75, SM80, SM86, configure
+
+pytestmark = pytest.mark.simt
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DT = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
+DEVICES = {"sm80": SM80, "sm86": SM86, "sm75": SM75}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    family: str  # kernels the forward must use: "flash" or "fallback"
+    B: int = 1
+    Sq: int = 17
+    Sk: Optional[int] = None
+    Hq: int = 2
+    Hkv: Optional[int] = None
+    D: int = 64
+    Dv: Optional[int] = None
+    causal: bool = False
+    align: str = "bottom_right"
+    window: Optional[tuple] = None
+    key_lengths: Optional[tuple] = None
+    mask: Optional[tuple] = None  # (kind, dims): kind "bool" | "float"; dims from B H Q K 1
+    dropout: float = 0.0
+    layout: str = "bshd"  # "bshd", "bhsd" (transposed views), "packed" (one qkv tensor), "unaligned"
+    deterministic: bool = False
+    device: str = "sm80"
+    bwd_family: Optional[str] = None  # when the backward takes other kernels than the forward
+
+    @property
+    def id(self):
+        Sk = self.Sk or self.Sq
+        Hkv = self.Hkv or self.Hq
+        s = f"{DT[self.dtype]}-B{self.B}-Sq{self.Sq}-Sk{Sk}-H{self.Hq}x{Hkv}-D{self.D}"
+        s += f"-Dv{self.Dv}" if self.Dv else ""
+        s += f"-causal_{'br' if self.align == 'bottom_right' else 'tl'}" if self.causal else ""
+        s += f"-w{self.window[0]}_{self.window[1]}" if self.window else ""
+        s += "-kl" + "_".join(map(str, self.key_lengths)) if self.key_lengths else ""
+        s += f"-{self.mask[0]}mask_{''.join(self.mask[1])}" if self.mask else ""
+        s += f"-drop{self.dropout}" if self.dropout else ""
+        s += f"-{self.layout}" if self.layout != "bshd" else ""
+        s += "-det" if self.deterministic else ""
+        s += f"-{self.device}" if self.device != "sm80" else ""
+        return s
+
+
+def case(**kw):
+    c = Case(**kw)
+    return pytest.param(c, id=c.id)
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+def make_qkv(c: Case, g: torch.Generator):
+    Sk, Hkv, Dv = c.Sk or c.Sq, c.Hkv or c.Hq, c.Dv or c.D
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(c.dtype)
+
+    if c.layout == "bshd":
+        return randn(c.B, c.Sq, c.Hq, c.D), randn(c.B, Sk, Hkv, c.D), randn(c.B, Sk, Hkv, Dv)
+    if c.layout == "bhsd":  # (B, H, S, D) storage read as (B, S, H, D) views
+        return (randn(c.B, c.Hq, c.Sq, c.D).transpose(1, 2), randn(c.B, Hkv, Sk, c.D).transpose(1, 2),
+                randn(c.B, Hkv, Sk, Dv).transpose(1, 2))
+    if c.layout == "packed":  # q, k, v slices of one (B, S, 3, H, D) projection
+        assert Sk == c.Sq and Hkv == c.Hq and Dv == c.D
+        qkv = randn(c.B, c.Sq, 3, c.Hq, c.D)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert c.layout == "unaligned"  # rows 2-byte aligned only: no 16-byte loads
+    return (randn(c.B, c.Sq, c.Hq, c.D + 1)[..., 1:], randn(c.B, Sk, Hkv, c.D + 1)[..., 1:],
+            randn(c.B, Sk, Hkv, Dv + 1)[..., 1:])
+
+
+def make_mask(c: Case, g: torch.Generator):
+    if c.mask is None:
+        return None
+    kind, dims = c.mask
+    sizes = {"B": c.B, "H": c.Hq, "Q": c.Sq, "K": c.Sk or c.Sq, "1": 1}
+    shape = [sizes[d] for d in dims]
+    if kind == "bool":
+        m = torch.rand(*shape, generator=g) < 0.75
+        if "Q" in dims:  # a query row that sees no key through the mask
+            m.select(dims.index("Q"), shape[dims.index("Q")] // 2).fill_(False)
+        return m
+    return (torch.randn(*shape, generator=g) * 2).to(c.dtype).requires_grad_(True)
+
+
+def op_args(c: Case, q, k, v, mask, key_lengths):
+    a = attention_args("simt test", q, k, v, c.causal, c.align, c.window, None, mask,
+                       key_lengths, c.dropout)
+    return a, (a.scale, a.window_left, a.window_right, a.bottom_right, a.dropout_p)
+
+
+# ---------------------------------------------------------------------------
+# The check
+
+def expect_kernels(simt, *names):
+    log = simt.simt_take_log()
+    for name in names:
+        assert any(name in k for k in log), f"{name} not launched; launches: {log}"
+
+
+def run_reference(c, q, k, v, mask, key_lengths, kept, dtype):
+    """reference.attention in `dtype`, with gradients of q, k, v (and a float mask)."""
+    xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    m = None
+    if mask is not None:
+        m = mask.detach().to(dtype).requires_grad_(True) if mask.is_floating_point() else mask
+        if m.is_floating_point():
+            xs.append(m)
+    out, lse = reference.attention(xs[0], xs[1], xs[2], causal=c.causal, causal_alignment=c.align,
+                                   window=c.window, attn_mask=m, key_lengths=key_lengths,
+                                   dropout_p=c.dropout, dropout_mask=kept, return_lse=True)
+    return out, lse, xs
+
+
+def check_lse(lse, lse_lp, lse_64):
+    dead = torch.isneginf(lse_64)
+    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on rows that see no key"
+    assert_close_to_golden("lse", lse[~dead], lse_lp[~dead].to(lse.dtype), lse_64[~dead])
+
+
+def check_case(simt, c: Case, seed: int):
+    configure(seed, DEVICES[c.device])
+    g = torch.Generator().manual_seed(1000 + seed)
+    q, k, v = make_qkv(c, g)
+    mask = make_mask(c, g)
+    key_lengths = torch.tensor(c.key_lengths, dtype=torch.int64) if c.key_lengths else None
+    rng = torch.tensor([12345 + seed, 678], dtype=torch.int64) if c.dropout else None
+    a, scalars = op_args(c, q, k, v, mask, key_lengths)
+    m = a.attn_mask.detach() if a.attn_mask is not None else None
+    simt.simt_take_log()
+
+    # forward
+    out, lse = simt.attention_forward(q, k, v, m, key_lengths, rng, *scalars)
+    fwd_kernel = "flash_fwd_kernel" if c.family == "flash" else "fallback_fwd_kernel"
+    expect_kernels(simt, fwd_kernel)
+
+    kept = None
+    if c.dropout:  # the CPU op's kept elements for the same inputs and rng_state
+        kept = torch.ops.selfattn.attention_probs(q, k, None, m, key_lengths, rng, *scalars) != 0
+    gold, lse_64, xs64 = run_reference(c, q, k, v, mask, key_lengths, kept, F64)
+    lowp, lse_lp, xslp = run_reference(c, q, k, v, mask, key_lengths, kept, c.dtype)
+    assert_close_to_golden("out", out, lowp, gold)
+    check_lse(lse, lse_lp, lse_64)
+
+    # backward
+    dout = torch.randn(out.shape, generator=g).to(c.dtype)
+    mask_grad = mask is not None and mask.is_floating_point()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(c.deterministic)
+    try:
+        grads = simt.attention_backward(dout, q, k, v, out, lse, m, key_lengths, rng, *scalars,
+                                        mask_grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    bwd = c.bwd_family or c.family
+    if bwd == "flash":
+        expect_kernels(simt, "bwd_delta_kernel", "flash_bwd_dkv_kernel",
+                       "flash_bwd_dq_kernel" if c.deterministic else "flash_bwd_dq_convert_kernel")
+    else:
+        expect_kernels(simt, "bwd_delta_kernel", "fallback_bwd_dq_kernel", "fallback_bwd_dkv_kernel")
+    g64 = torch.autograd.grad(gold, xs64, dout.double())
+    glp = torch.autograd.grad(lowp, xslp, dout)
+    names = ["dq", "dk", "dv", "dmask"]
+    for i, (got, g_lp, g_64) in enumerate(zip(grads, glp, g64)):
+        assert_close_to_golden(names[i], got, g_lp, g_64)
+
+    # probabilities, from the saved lse and recomputing it
+    w64 = reference.attention_weights(q.double(), k.double(), causal=c.causal, causal_alignment=c.align,
+                                      window=c.window, attn_mask=xs64[3] if mask_grad else m,
+                                      key_lengths=key_lengths, dropout_p=c.dropout, dropout_mask=kept)
+    wlp = reference.attention_weights(q, k, causal=c.causal, causal_alignment=c.align,
+                                      window=c.window, attn_mask=m, key_lengths=key_lengths,
+                                      dropout_p=c.dropout, dropout_mask=kept)
+    for lse_in in (lse, None):
+        probs = simt.attention_probs(q, k, lse_in, m, key_lengths, rng, *scalars)
+        expect_kernels(simt, "probs_kernel", *([] if lse_in is not None else ["fallback_fwd_kernel"]))
+        assert_close_to_golden("probs", probs, wlp, w64.detach())
+        if kept is not None:  # exactly the CPU op's kept elements (where a probability is not tiny)
+            sure = w64.detach() > 1e-4
+            assert torch.equal((probs != 0)[sure], kept[sure]), "dropout keeps other elements than the CPU op"
+
+
+# ---------------------------------------------------------------------------
+# The grid. Flash cases alternate float16 / bfloat16.
+
+def flash(i, **kw):
+    return case(dtype=F16 if i % 2 == 0 else BF16, family="flash", **kw)
+
+
+FLASH = [flash(i, **kw) for i, kw in enumerate([
+    # head-dim buckets and non-bucket multiples of 8, D != Dv
+    dict(D=64), dict(D=128), dict(D=256), dict(D=40), dict(D=72), dict(D=200, Sq=9),
+    dict(D=64, Dv=32), dict(D=32, Dv=128), dict(D=128, Dv=256, Sq=9), dict(D=8, Dv=16),
+    # lengths: 1, 17, 64, 129; several K/V tiles and both cp.async stages; Sq != Sk
+    dict(Sq=1), dict(Sq=64), dict(Sq=129), dict(Sq=1, Sk=129), dict(Sq=129, Sk=17),
+    dict(Sq=70, Sk=200), dict(Sq=200, Sk=70, D=128), dict(Sq=33, Sk=129, D=256),
+    dict(Sq=129, Sk=40, D=256),
+    # causal in both alignments (Sq > Sk bottom-right: rows that see no key), windows
+    dict(Sq=64, causal=True), dict(Sq=129, Sk=64, causal=True),
+    dict(Sq=40, Sk=130, causal=True), dict(Sq=130, Sk=40, causal=True, align="top_left"),
+    dict(Sq=40, Sk=130, causal=True, align="top_left"), dict(Sq=100, Sk=100, window=(16, 8)),
+    dict(Sq=70, Sk=150, window=(0, 0)), dict(Sq=150, Sk=70, window=(5, None), align="top_left"),
+    dict(Sq=80, window=(None, 3), D=128), dict(Sq=65, causal=True, window=(20, None), D=256),
+    # GQA, MQA
+    dict(Hq=4, Hkv=2, Sq=70), dict(Hq=4, Hkv=1, Sq=50, Sk=90, causal=True), dict(Hq=6, Hkv=3, D=128),
+    # key_lengths (including 0)
+    dict(B=3, Sq=40, Sk=70, key_lengths=(70, 33, 0)), dict(B=2, Sq=70, key_lengths=(1, 64), causal=True),
+    # masks: bool (with a row that sees nothing) and float (with gradient), broadcast shapes
+    dict(Sq=40, Sk=70, mask=("bool", "QK")), dict(B=2, Sq=33, mask=("bool", "B1QK")),
+    dict(Sq=70, mask=("bool", "H1K")), dict(Sq=40, Sk=70, mask=("float", "QK")),
+    dict(B=2, Sq=33, mask=("float", "BHQK")), dict(Sq=70, Sk=33, mask=("float", "H1K")),
+    dict(B=2, Sq=50, mask=("float", "B11K"), causal=True), dict(Sq=20, mask=("float", "1"), D=128),
+    # dropout
+    dict(Sq=70, dropout=0.2), dict(Sq=40, Sk=90, dropout=0.3, causal=True, mask=("float", "QK")),
+    dict(Hq=4, Hkv=2, Sq=33, dropout=0.1, D=128, key_lengths=(20,)),
+    # layouts
+    dict(Sq=70, layout="bhsd"), dict(Sq=40, layout="packed", D=128), dict(B=2, Sq=33, Hq=4, layout="bhsd", D=256),
+    # the deterministic dQ path
+    dict(Sq=70, Sk=129, deterministic=True), dict(Sq=129, D=128, deterministic=True, causal=True),
+    dict(Sq=65, D=256, deterministic=True, window=(10, 10)),
+    dict(Sq=40, Hq=4, Hkv=1, deterministic=True, dropout=0.2, mask=("bool", "QK")),
+])]
+
+FALLBACK_16BIT = [case(dtype=dt, family="fallback", **kw) for dt, kw in [
+    (F16, dict(D=20, Sq=33)), (BF16, dict(D=100, Sq=17, Sk=70, causal=True)),
+    (F16, dict(D=264, Sq=9)), (BF16, dict(D=64, Dv=300, Sq=9)),  # head dims above 256
+    (F16, dict(D=64, Sq=40, layout="unaligned")),
+    (BF16, dict(D=64, Sq=40, mask=("float", "QK"), device="sm75")),  # pre-sm80 device
+    (F16, dict(D=12, Sq=20, dropout=0.2, key_lengths=(11,), mask=("bool", "1QK"))),
+]] + [
+    # D = 256 on a 99 KB device: the forward fits, the backward's tiles do not
+    case(dtype=F16, family="flash", bwd_family="fallback", D=256, Sq=40, device="sm86"),
+    case(dtype=BF16, family="flash", bwd_family="fallback", D=256, Sq=20, device="sm86",
+         deterministic=True),
+]
+
+
+def fallback(i, **kw):
+    return case(dtype=F32 if i % 2 == 0 else F64, family="fallback", **kw)
+
+
+FALLBACK = [fallback(i, **kw) for i, kw in enumerate([
+    dict(D=64), dict(D=1, Sq=9), dict(D=3, Dv=5, Sq=33), dict(D=128, Dv=40, Sq=70), dict(D=512, Sq=5),
+    dict(Sq=1), dict(Sq=129), dict(Sq=1, Sk=129), dict(Sq=129, Sk=17, D=32),
+    dict(Sq=64, causal=True), dict(Sq=70, Sk=33, causal=True), dict(Sq=33, Sk=70, causal=True, align="top_left"),
+    dict(Sq=60, window=(7, 2)), dict(Sq=50, Sk=80, window=(0, None)),
+    dict(Hq=4, Hkv=2, Sq=40), dict(Hq=3, Hkv=1, Sq=33, causal=True),
+    dict(B=3, Sq=33, key_lengths=(33, 7, 0)),
+    dict(Sq=33, Sk=40, mask=("bool", "QK")), dict(B=2, Sq=20, mask=("bool", "BHQK")),
+    dict(Sq=33, Sk=40, mask=("float", "QK")), dict(B=2, Sq=20, mask=("float", "B1Q1")),
+    dict(Sq=40, mask=("float", "HQK"), causal=True),
+    dict(Sq=40, dropout=0.25), dict(Sq=33, Sk=50, dropout=0.1, mask=("float", "QK"), window=(9, 9)),
+    dict(Sq=40, layout="bhsd"), dict(Sq=33, layout="packed", D=32), dict(Sq=20, layout="unaligned", D=24),
+])]
+
+ALL = FLASH + FALLBACK_16BIT + FALLBACK
+SEED = {p.values[0]: i for i, p in enumerate(ALL)}  # each case its own thread-order seed
+
+
+@pytest.mark.parametrize("c", ALL)
+def test_emulated_kernels_match_reference(simt, c):
+    check_case(simt, c, SEED[c])
