@@ -111,4 +111,10 @@ inline long max(long a, long b) { return a < b ? b : a; }
 inline long min(long a, long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a < b ? b : a; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
+// Rounded on its own: the empty asm keeps g++ (-ffp-contract=fast, see
+// tests/simt/simt_build.py) from fusing it into an fma, as nvcc never does.
+inline float __fmul_rn(float a, float b) {
+  float r = a * b;
+  asm("" : "+x"(r));
+  return r;
+}

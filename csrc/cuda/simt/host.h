@@ -53,7 +53,8 @@ struct DeviceConfig {
   int smem_optin = 166912;  // A100: 163 KB per block (CUDA_FACTS 7)
 };
 DeviceConfig& device();
-// Seed of the order in which threads run between barriers.
+// Seed of the order in which threads run between barriers: the launches
+// after a call run in the same orders for the same seed.
 void configure(uint64_t seed);
 // Names of the kernels launched since the last call, in launch order.
 std::vector<std::string> take_log();
