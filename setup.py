@@ -56,11 +56,15 @@ def gencode_flags():
 
 # CPU kernels: one extension module per instruction set, all from the same
 # sources; selfattn/ops.py imports the best one the running CPU supports (so
-# no AVX-512 code is ever loaded on a CPU without it).
+# no AVX-512 code is ever loaded on a CPU without it). The generic module,
+# the only one on other architectures, is built on x86 too, so that its code
+# path is tested there (SELFATTN_CPU_ISA=generic).
+GENERIC_VARIANT = {"_cpu_generic": []}
 X86_VARIANTS = {
     "_cpu_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                     "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "_cpu_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    **GENERIC_VARIANT,
 }
 
 
@@ -69,7 +73,7 @@ def cpu_extensions():
     if platform.machine().lower() in ("x86_64", "amd64"):
         variants = X86_VARIANTS
     else:
-        variants = {"_cpu_generic": []}
+        variants = GENERIC_VARIANT
     # at::parallel_for is inline OpenMP code when torch uses OpenMP: without
     # -fopenmp it would run serially. (libgomp is torch's own, already loaded.)
     openmp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []

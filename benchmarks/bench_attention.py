@@ -13,12 +13,23 @@ Peers: `sdpa` (F.scaled_dot_product_attention, torch's default fused kernel),
 layer case nn.MultiheadAttention. The math and reference peers hold an S x S
 matrix, so they are skipped above --max-dense-s.
 
-    python benchmarks/bench_attention.py                 # full CPU grid
+On CPU the run names the CPU and selfattn's kernel module, and measures the
+machine's float32 GEMM throughput (a 2048^3 torch.mm, before and after the
+grid): each float32 point's GFLOP/s is also given as a fraction of it, the
+roofline a fused attention kernel can approach. --isa runs the grid with a
+given CPU kernel module, or with each module this CPU can execute (`all`),
+each in a subprocess (SELFATTN_CPU_ISA is read at import).
+
+    python benchmarks/bench_attention.py                 # full CPU grid, the module selfattn loads
+    python benchmarks/bench_attention.py --isa all       # ... once per module this CPU runs
     python benchmarks/bench_attention.py --quick         # a few points
+    python benchmarks/bench_attention.py --check         # regression check (CI): fails when a
+                                                         # point exceeds 1.25x SDPA's time
     python benchmarks/bench_attention.py --device cuda
     python benchmarks/bench_attention.py --plot          # also a PNG
 
-Writes <out>/<device>.json and <out>/<device>.md (default benchmarks/results).
+Writes <out>/cpu_<module>.json and .md (cuda.json, cuda.md on CUDA; default
+out: benchmarks/results).
 """
 from __future__ import annotations
 
@@ -78,6 +89,13 @@ def visible_pairs(S: int, causal: bool, window: Optional[int]) -> int:
 def grid(args) -> List[Point]:
     dtypes = ["float32", "bfloat16"]
     points = []
+    if args.check:  # a small grid of the cases torch also runs fused: a regression check
+        for dtype in dtypes:
+            for causal in (False, True):
+                for mode in ("fwd", "fwd+bwd"):
+                    points.append(Point("attention", dtype, mode, 4, 1024, args.heads,
+                                        args.heads, 64, causal))
+        return _with_flops(points)
     seqs = [512, 1024, 2048, 4096, 8192] if not args.quick else [1024, 2048]
     dims = [64, 128] if not args.quick else [64]
     for dtype in dtypes:
@@ -98,6 +116,10 @@ def grid(args) -> List[Point]:
         S = 1024
         points.append(Point("mha", "float32", mode, max(1, args.tokens // S), S, args.heads,
                             args.heads, 64, False))
+    return _with_flops(points)
+
+
+def _with_flops(points: List[Point]) -> List[Point]:
     for p in points:
         fwd = 4 * p.B * p.Hq * p.D * visible_pairs(p.S, p.causal, p.window) / 1e9
         p.gflop = fwd * (3.5 if p.mode == "fwd+bwd" else 1.0)
@@ -141,7 +163,7 @@ def make_fns(p: Point, device: str, max_dense_s: int) -> Dict[str, Callable[[], 
                                               enable_gqa=gqa)
 
     fns = {"selfattn": ours, "sdpa": sdpa}
-    if p.S <= max_dense_s:
+    if p.S <= max_dense_s:  # max_dense_s = 0: no dense peers
         def math_path():
             with sdpa_kernel(SDPBackend.MATH):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -154,16 +176,20 @@ def make_fns(p: Point, device: str, max_dense_s: int) -> Dict[str, Callable[[], 
     return fns
 
 
-def run_point(p: Point, device: str, args) -> None:
+def run_point(p: Point, device: str, args, rounds: Optional[int] = None) -> None:
     fns = make_fns(p, device, args.max_dense_s)
+    rounds = rounds or args.rounds
+    measure_peaks = not args.check
     if p.mode == "fwd+bwd":
         fns = {name: with_backward(fn) for name, fn in fns.items()}
-        times = median_seconds(fns, rounds=args.rounds, min_run_time=args.min_run_time)
-        peaks = {name: peak_bytes(fn, device) for name, fn in fns.items()}
+        times = median_seconds(fns, rounds=rounds, min_run_time=args.min_run_time)
+        peaks = {name: peak_bytes(fn, device) if measure_peaks else None
+                 for name, fn in fns.items()}
     else:
         with torch.no_grad():
-            times = median_seconds(fns, rounds=args.rounds, min_run_time=args.min_run_time)
-            peaks = {name: peak_bytes(fn, device) for name, fn in fns.items()}
+            times = median_seconds(fns, rounds=rounds, min_run_time=args.min_run_time)
+            peaks = {name: peak_bytes(fn, device) if measure_peaks else None
+                     for name, fn in fns.items()}
     p.ms = {name: s * 1e3 for name, s in times.items()}
     p.peak_mib = {name: (b / 2**20 if b is not None else None) for name, b in peaks.items()}
 
@@ -203,6 +229,19 @@ def machine_info(device: str) -> Dict[str, str]:
     return info
 
 
+def gemm_gflops(device: str, n: int = 2048) -> float:
+    """float32 GEMM throughput of this machine: an n x n x n torch.mm."""
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    seconds = median_seconds({"mm": lambda: torch.mm(a, b)}, rounds=3, min_run_time=0.2)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def cpu_isas() -> List[str]:
+    """The CPU kernel modules this CPU can execute, the one selfattn loads first."""
+    loaded = selfattn.ops.CPU_KERNELS
+    return {"_cpu_avx512": ["avx512", "avx2"], "_cpu_avx2": ["avx2"]}.get(loaded, ["generic"])
+
+
 def geomean(xs: List[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
@@ -211,20 +250,24 @@ def markdown(points: List[Point], info: Dict[str, str]) -> str:
     lines = [f"# selfattn benchmark: {info['device']}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "device"]
     lines += ["", "Times are medians (ms); ratio = selfattn / peer (< 1: selfattn faster or "
-              "smaller). GFLOP/s per DESIGN.md section 6. Peak = memory held at the worst "
-              "moment of one call beyond what was held before it.", ""]
-    lines.append("| case | B | selfattn ms | GFLOP/s | sdpa ms | vs sdpa | math ms | vs math "
-                 "| selfattn MiB | sdpa MiB | mem vs sdpa |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+              "smaller). GFLOP/s per DESIGN.md section 6; `of GEMM`: float32 GFLOP/s as a "
+              "fraction of this machine's float32 GEMM (gemm_gflops above). Peak = memory "
+              "held at the worst moment of one call beyond what was held before it.", ""]
+    gemm = float(info["gemm_gflops"]) if "gemm_gflops" in info else None
+    lines.append("| case | B | selfattn ms | GFLOP/s | of GEMM | sdpa ms | vs sdpa | math ms "
+                 "| vs math | selfattn MiB | sdpa MiB | mem vs sdpa |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in points:
         ours = p.ms["selfattn"]
         peer = "sdpa" if "sdpa" in p.ms else "nn.MultiheadAttention"
         math_ms = p.ms.get("math")
         pm, tm = p.peak_mib.get("selfattn"), p.peak_mib.get(peer)
         mem_ratio = f"{pm / tm:.2f}" if pm is not None and tm else "n/a"
+        gflops = p.gflop / (ours / 1e3)
+        of_gemm = f"{gflops / gemm:.2f}" if gemm and p.dtype == "float32" else "-"
         lines.append(
             f"| {p.label()}{' (vs nn.MHA)' if peer != 'sdpa' else ''} | {p.B} | {ours:.2f} | "
-            f"{p.gflop / (ours / 1e3):.1f} | {p.ms[peer]:.2f} | {ours / p.ms[peer]:.2f} | "
+            f"{gflops:.1f} | {of_gemm} | {p.ms[peer]:.2f} | {ours / p.ms[peer]:.2f} | "
             f"{f'{math_ms:.2f}' if math_ms else '-'} | "
             f"{f'{ours / math_ms:.2f}' if math_ms else '-'} | "
             f"{f'{pm:.1f}' if pm is not None else 'n/a'} | {f'{tm:.1f}' if tm is not None else 'n/a'} "
@@ -273,7 +316,14 @@ def plot(points: List[Point], path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--isa", default="auto",
+                        help="CPU kernel module: auto (the one selfattn loads), avx512, avx2, "
+                             "generic, or all (each module this CPU runs)")
     parser.add_argument("--quick", action="store_true", help="a few points only")
+    parser.add_argument("--check", action="store_true",
+                        help="regression check: a small grid against SDPA only; exit 1 when a "
+                             "point takes more than --check-ratio x SDPA's time")
+    parser.add_argument("--check-ratio", type=float, default=1.25)
     parser.add_argument("--tokens", type=int, default=8192, help="B·S, fixed across the grid")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
@@ -282,28 +332,58 @@ def main(argv=None) -> int:
                         help="largest S for the peers that hold an S x S matrix")
     parser.add_argument("--only", default=None, help="run points whose label contains this")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--plot", action="store_true", help="also write <out>/<device>.png")
+    parser.add_argument("--plot", action="store_true", help="also write <out>/<name>.png")
     args = parser.parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
+    if device == "cpu" and args.isa != "auto" \
+            and os.environ.get("SELFATTN_CPU_ISA") != args.isa:
+        # the module is chosen at import: one subprocess per module
+        isas = cpu_isas() if args.isa == "all" else [args.isa]
+        argv = sys.argv[1:] if argv is None else list(argv)
+        codes = [subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
+                                env=dict(os.environ, SELFATTN_CPU_ISA=isa)).returncode
+                 for isa in isas]
+        return max(codes)
+    if args.check:
+        args.max_dense_s = 0
+        args.rounds = min(args.rounds, 2)
+        args.min_run_time = min(args.min_run_time, 0.1)
     points = [p for p in grid(args) if args.only is None or args.only in p.label()]
+    info = machine_info(device)
+    gemm_before = gemm_gflops(device) if device == "cpu" else None
     progress = Progress(len(points))
     for p in points:
         run_point(p, device, args)
         progress.step(p.label())
-    info = machine_info(device)
-    name = "cpu" if device == "cpu" else "cuda"
+    if gemm_before is not None:
+        gemm_after = gemm_gflops(device)
+        info["gemm_gflops"] = f"{(gemm_before + gemm_after) / 2:.0f}"
+        info["gemm_gflops_before_after"] = f"{gemm_before:.0f} / {gemm_after:.0f}"
+    table = markdown(points, info)
+    print(table)
+    if args.check:
+        def too_slow(p: Point) -> bool:
+            return p.ms["selfattn"] > args.check_ratio * p.ms["sdpa"]
+        for p in points:  # a shared machine's noise: a slow point is measured again, longer
+            if too_slow(p):
+                run_point(p, device, args, rounds=2 * args.rounds + 1)
+        slow = [p for p in points if too_slow(p)]
+        for p in slow:
+            print(f"CHECK FAILED ({info['cpu_kernels']}): {p.label()} takes "
+                  f"{p.ms['selfattn'] / p.ms['sdpa']:.2f}x SDPA's time "
+                  f"(bound {args.check_ratio}x)", file=sys.stderr)
+        return 1 if slow else 0
+    name = f"cpu_{info['cpu_kernels'].removeprefix('_cpu_')}" if device == "cpu" else "cuda"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"info": info, "points": [asdict(p) for p in points]}, f, indent=1)
-    table = markdown(points, info)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table)
     if args.plot:
         plot(points, os.path.join(args.out, f"{name}.png"))
-    print(table)
     return 0
 
 

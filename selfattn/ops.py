@@ -28,13 +28,15 @@ def _x86_flags():
 
 
 def _cpu_module_name():
-    """The CPU kernel module for this CPU; SELFATTN_CPU_ISA=avx2|avx512 forces one."""
+    """The CPU kernel module for this CPU; on x86, SELFATTN_CPU_ISA=avx512|avx2|generic
+    forces one (generic: the portable build other architectures use)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "_cpu_generic"
     forced = os.environ.get("SELFATTN_CPU_ISA")
     if forced:
-        if forced not in ("avx2", "avx512"):
-            raise ImportError(f"selfattn: SELFATTN_CPU_ISA must be avx2 or avx512, got {forced!r}")
+        if forced not in ("avx2", "avx512", "generic"):
+            raise ImportError(
+                f"selfattn: SELFATTN_CPU_ISA must be avx512, avx2 or generic, got {forced!r}")
         return f"_cpu_{forced}"
     flags = _x86_flags()
     if flags is None:  # not Linux: trust torch's own detection
