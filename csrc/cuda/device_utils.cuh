@@ -177,7 +177,14 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // ---------------------------------------------------------------------------
-// PTX wrappers (sm80+): every inline asm of the kernels is here.
+// PTX wrappers (sm80+): every inline asm of the kernels is here; the emulated
+// build (SELFATTN_SIMT) swaps them for the emulator's instructions.
+//  - cp_async_16(dst, src, valid): 16-byte async copy; when !valid the 16
+//    destination bytes are zero-filled (src-size 0) and `src` must still be a
+//    valid global address. cp_async_commit, cp_async_wait<N>: commit_group,
+//    wait_group N (CUDA_FACTS 3).
+//  - ldsm_x4, ldsm_x4_trans: ldmatrix .x4 (.trans) (CUDA_FACTS 2).
+//  - mma_16816<T>: d += a * b for one 16x8x16 tile (CUDA_FACTS 1).
 
 #ifdef SELFATTN_SIMT
 // The array behind the flash kernels' `extern __shared__ ... smem[]`
@@ -186,8 +193,6 @@ inline thread_local __align__(128) unsigned char smem[228 * 1024];
 inline unsigned char* dynamic_smem() { return smem; }
 inline const bool dynamic_smem_registered = ::simt::register_dynamic_shared(&dynamic_smem, sizeof(smem));
 
-// 16-byte async copy; when !valid the 16 destination bytes are zero-filled
-// (src-size 0) and `src` must still be a valid global address.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   ::simt::cp_async(dst, src, 16, valid ? 16 : 0);
 }
@@ -201,7 +206,6 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
   ::simt::ldmatrix(r, 4, true, p);
 }
-// d += a * b for one 16x8x16 tile (CUDA_FACTS 1).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
@@ -214,8 +218,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte async copy; when !valid the 16 destination bytes are zero-filled
-// (src-size 0) and `src` must still be a valid global address.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -240,7 +242,6 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 
-// d += a * b for one 16x8x16 tile (CUDA_FACTS 1).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1);

@@ -129,8 +129,12 @@ def _write_ninja(build_dir, compiles, objects, lib):
 
 
 def _run_ninja(build_dir):
+    import fcntl  # (Linux only, as the emulator)
+
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
-    proc = subprocess.run([_ninja(), "-C", build_dir, "-j", jobs], capture_output=True, text=True)
+    with open(os.path.join(build_dir, ".lock"), "w") as lock:  # one build of a directory at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run([_ninja(), "-C", build_dir, "-j", jobs], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the SIMT emulator failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}")
 

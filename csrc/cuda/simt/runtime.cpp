@@ -2,10 +2,11 @@
 // block, one fiber per CUDA thread, and checks what a CPU would not notice.
 //
 //  - Fibers: each thread runs on its own small stack, switched by a few
-//    lines of x86-64 assembly (x86-64 Linux only; tests/simt skips elsewhere). A fiber runs until it parks at a
-//    barrier or warp collective, or exits; the scheduler then picks the next
-//    runnable fiber at random (seeded), so that results that depend on the
-//    order of threads between barriers show up.
+//    lines of x86-64 assembly (so: x86-64 Linux only; tests/simt skips
+//    elsewhere). A fiber runs until it parks at a barrier or warp collective,
+//    or exits; the scheduler then picks the next runnable fiber at random
+//    (seeded), so that results that depend on the order of threads between
+//    barriers show up.
 //  - Barriers and collectives: __syncthreads releases when every thread of
 //    the block has arrived (an exited thread is an error); a warp collective
 //    (shfl, ballot, __syncwarp, ldmatrix, mma) when every lane of its mask
@@ -24,11 +25,11 @@
 //    beyond the launch's dynamic shared memory. Every other access must
 //    land on an element of one of the launch's buffers (writes on a
 //    writable one), or be a read of this library's own image (constants).
+//    Accesses of naturally aligned types must sit at a multiple of their size.
 //  - Reports name the threads and the source lines of both accesses
 //    (return addresses resolved with addr2line on this library).
 #include "runtime.h"
 
-#include <cxxabi.h>
 #include <dlfcn.h>
 #include <link.h>
 #include <sys/mman.h>
@@ -1026,22 +1027,28 @@ std::string resolve(const std::string& text) {
 // body returns at once.
 
 namespace {
-inline void on_access(void* p, size_t n, bool write, void* ret) {
+// `aligned`: an access of a naturally aligned type, which the GPU requires to
+// sit at a multiple of its size (else a misaligned-address fault).
+inline void on_access(void* p, size_t n, bool write, bool aligned, void* ret) {
   simt::Fiber* f = simt::g_active;
   if (f == nullptr) return;
   const uintptr_t a = uintptr_t(p);
   if (a - uintptr_t(f->stack_lo) < f->stack_size) return;
   const simt::Quiet quiet;
+  if (aligned && a % n != 0) {
+    simt::fail(simt::thread_tag(f->tid) + (write ? " writes " : " reads ") + std::to_string(n) +
+               " bytes at a misaligned address at " + simt::pc_tag(uintptr_t(ret)));
+  }
   simt::checked_access(a, n, write, uintptr_t(ret));
 }
 }  // namespace
 
 #define SIMT_HOOK(kind, n, write)                                                        \
   extern "C" void __tsan_##kind##n(void* p) {                                             \
-    on_access(p, n, write, __builtin_return_address(0));                                  \
+    on_access(p, n, write, true, __builtin_return_address(0));                            \
   }                                                                                      \
   extern "C" void __tsan_unaligned_##kind##n(void* p) {                                   \
-    on_access(p, n, write, __builtin_return_address(0));                                  \
+    on_access(p, n, write, false, __builtin_return_address(0));                           \
   }
 SIMT_HOOK(read, 1, false)
 SIMT_HOOK(read, 2, false)
@@ -1106,8 +1113,12 @@ SIMT_ATOMICS(64, long)
 extern "C" {
 void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
-void __tsan_read_range(void* p, size_t n) { on_access(p, n, false, __builtin_return_address(0)); }
-void __tsan_write_range(void* p, size_t n) { on_access(p, n, true, __builtin_return_address(0)); }
+void __tsan_read_range(void* p, size_t n) {
+  on_access(p, n, false, false, __builtin_return_address(0));
+}
+void __tsan_write_range(void* p, size_t n) {
+  on_access(p, n, true, false, __builtin_return_address(0));
+}
 void __tsan_init() {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}
