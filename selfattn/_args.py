@@ -73,6 +73,11 @@ def _finite(x) -> bool:
         return False
 
 
+def default_scale(head_dim: int) -> float:
+    """The softmax scale when none is given: 1 / sqrt(D)."""
+    return 1.0 / math.sqrt(head_dim)
+
+
 def _window_side(fn, value, side):
     if value is None:
         return -1
@@ -123,8 +128,11 @@ def check_qkv(fn, q, k, v, names=("q", "k", "v")):
 
 
 def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
-                   key_lengths, dropout_p) -> AttnArgs:
-    B, Sq, Sk, Hq, Hkv, D, Dv = check_qkv(fn, q, k, v)
+                   key_lengths, dropout_p, names=("q", "k", "v")) -> AttnArgs:
+    """Checks and normalises `attention`'s arguments; `names` are q, k and v's
+    names in the caller's error messages. A CausalBias attn_mask stands for
+    causal=True with its own alignment (it overrides causal_alignment)."""
+    B, Sq, Sk, Hq, Hkv, D, Dv = check_qkv(fn, q, k, v, names)
     if not isinstance(causal, bool):
         raise ArgumentTypeError(f"{fn}: causal must be a bool, got {causal!r}")
     if isinstance(attn_mask, CausalBias):
@@ -146,7 +154,7 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
     left = -1 if left > Sq + Sk else left
     right = -1 if right > Sq + Sk else right
     if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        scale = default_scale(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ArgumentTypeError(f"{fn}: scale must be a float or None, got {scale!r}")
     elif not _finite(scale):
@@ -161,7 +169,8 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
             raise ArgumentTypeError(
                 f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
         if attn_mask.device != q.device:
-            raise ArgumentError(f"{fn}: attn_mask is on {attn_mask.device}, but q is on {q.device}")
+            raise ArgumentError(
+                f"{fn}: attn_mask is on {attn_mask.device}, but {names[0]} is on {q.device}")
         target = (B, Hq, Sq, Sk)
         shape = tuple(attn_mask.shape)
         if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
@@ -179,7 +188,7 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
                 f"{fn}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
         if key_lengths.device != q.device:
             raise ArgumentError(
-                f"{fn}: key_lengths is on {key_lengths.device}, but q is on {q.device}")
+                f"{fn}: key_lengths is on {key_lengths.device}, but {names[0]} is on {q.device}")
         key_lengths = key_lengths.to(torch.int64).contiguous()
     bottom_right = causal_alignment == "bottom_right"
     return AttnArgs(
@@ -199,6 +208,9 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
         if t.dim() < 3:
             raise ArgumentError(
                 f"{fn}: {name} must have at least 3 dims (..., S, D), got {t.dim()}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise ArgumentTypeError(f"{fn}: {name} must be a bool, got {flag!r}")
     if not (query.dim() == key.dim() == value.dim()):
         raise ArgumentError(f"{fn}: query, key and value must have the same number of dims, got "
                             f"{query.dim()}, {key.dim()} and {value.dim()}")
@@ -218,6 +230,10 @@ def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, sc
         raise ArgumentError(f"{fn}: query has {q.shape[2]} heads and key {k.shape[2]}; "
                             "pass enable_gqa=True for grouped-query attention")
     if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, CausalBias):
+        if attn_mask.is_floating_point() and attn_mask.dtype not in (torch.float32, query.dtype):
+            raise ArgumentTypeError(  # torch's rule: bool, float32 or query's dtype
+                f"{fn}: attn_mask must be bool, float32 or query's dtype {query.dtype}, got "
+                f"{attn_mask.dtype}")
         if query.dim() == 3 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         elif query.dim() > 4 and attn_mask.dim() > 3:

@@ -4,11 +4,14 @@
 tensors to what the ops take (last dim contiguous, int64 key_lengths, a float
 mask in q's dtype, a (seed, offset) rng_state for dropout) and calls the ops.
 
-`forward` and `probs` are the TorchScript-compatible calls of the ops that the
-functions here and the nn layers share (scripted layers keep the fused ops in
-their graphs). Inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH) the
-torch drop-ins (`scaled_dot_product_attention`, the nn layers) run
-selfattn.reference's math instead, as torch's do (`math_only`).
+`fused_forward` and `fused_probs` are the TorchScript-compatible calls of the
+ops that the functions here and the nn layers share (scripted layers keep the
+fused ops in their graphs). Inside torch.nn.attention.sdpa_kernel(
+SDPBackend.MATH) the torch drop-ins (`scaled_dot_product_attention`, the nn
+layers) run selfattn.reference's math instead, as torch's do (`math_only`).
+Inside torch.autocast the floating-point inputs are cast to the autocast dtype
+before the checks, as torch's dispatcher casts SDPA's (the ops' autocast
+kernels then have nothing left to cast).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from ._args import attention_args, sdpa_to_attention
 from .errors import ArgumentError
 
 __all__ = ["attention", "scaled_dot_product_attention", "attention_weights"]
+
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -42,19 +46,20 @@ def rng_state(dropout_p: float, device: torch.device,
     return state.to(device)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
-            key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
-            window_left: int, window_right: int, bottom_right: bool,
-            dropout_p: float) -> Tuple[Tensor, Tensor]:
+def fused_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                  key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
+                  window_left: int, window_right: int, bottom_right: bool,
+                  dropout_p: float) -> Tuple[Tensor, Tensor]:
     """The forward op on checked arguments: (out, lse)."""
     return torch.ops.selfattn.attention_forward(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), attn_mask,
         key_lengths, rng, scale, window_left, window_right, bottom_right, dropout_p)
 
 
-def probs(q: Tensor, k: Tensor, lse: Optional[Tensor], attn_mask: Optional[Tensor],
-          key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float, window_left: int,
-          window_right: int, bottom_right: bool, dropout_p: float) -> Tensor:
+def fused_probs(q: Tensor, k: Tensor, lse: Optional[Tensor], attn_mask: Optional[Tensor],
+                key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
+                window_left: int, window_right: int, bottom_right: bool,
+                dropout_p: float) -> Tensor:
     """The probabilities op on checked arguments (no gradient)."""
     if attn_mask is not None:
         attn_mask = attn_mask.detach()
@@ -76,6 +81,29 @@ def math_only() -> bool:
         b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled())
 
 
+def _autocast(*tensors):
+    """The tensors as the ops' autocast kernels would see them: inside
+    torch.autocast for their device, floating-point ones (float64 excepted) in
+    the autocast dtype. Non-tensors pass unchanged (the checks refuse them)."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
+
+
+def _attention(fn, names, q, k, v, causal, causal_alignment, window, scale, attn_mask,
+               key_lengths, dropout_p, generator):
+    """`attention` for the public functions: errors name `fn` and q, k, v as `names`."""
+    q, k, v, attn_mask = _autocast(q, k, v, attn_mask)
+    a = attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
+                       key_lengths, dropout_p, names)
+    rng = rng_state(a.dropout_p, q.device, generator)
+    return fused_forward(q, k, v, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
+                         a.window_right, a.bottom_right, a.dropout_p)
+
+
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
               scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0, generator=None,
               return_lse=False):
@@ -95,7 +123,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
         scale: multiplies q·k; default 1 / sqrt(D).
         attn_mask: bool (True = takes part) or float (added to the scaled
             scores), broadcastable to (B, Hq, Sq, Sk); read in place. A float
-            mask that requires grad receives its gradient.
+            mask that requires grad receives its gradient. torch's CausalBias
+            (causal_upper_left / causal_lower_right) means causal=True with
+            its alignment (which overrides causal_alignment).
         key_lengths: (B,) int; keys at positions >= key_lengths[b] are padding.
         dropout_p: dropout on the probabilities, drawn from `generator` (or
             torch's default generator); the backward regenerates the same mask.
@@ -105,11 +135,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     Returns:
         out (B, Sq, Hq, Dv) in q's dtype; rows that see no key are 0.
     """
-    a = attention_args("selfattn.attention", q, k, v, causal, causal_alignment, window, scale,
-                       attn_mask, key_lengths, dropout_p)
-    rng = rng_state(a.dropout_p, q.device, generator)
-    out, lse = forward(q, k, v, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
-                       a.window_right, a.bottom_right, a.dropout_p)
+    out, lse = _attention("selfattn.attention", ("q", "k", "v"), q, k, v, causal,
+                          causal_alignment, window, scale, attn_mask, key_lengths, dropout_p,
+                          generator)
     return (out, lse) if return_lse else out
 
 
@@ -126,13 +154,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     returns 0. Inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH) it runs
     selfattn.reference's math instead of the fused kernel.
     """
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if math_only():
         return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                                       is_causal, scale, enable_gqa)
-    q, k, v, kwargs, unflatten = sdpa_to_attention(
-        "selfattn.scaled_dot_product_attention", query, key, value, attn_mask, dropout_p,
-        is_causal, scale, enable_gqa)
-    return unflatten(attention(q, k, v, **kwargs))
+    fn = "selfattn.scaled_dot_product_attention"
+    q, k, v, kw, unflatten = sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p,
+                                               is_causal, scale, enable_gqa)
+    out, _ = _attention(fn, ("query", "key", "value"), q, k, v, kw["causal"],
+                        kw["causal_alignment"], None, kw["scale"], kw["attn_mask"], None,
+                        kw["dropout_p"], None)
+    return unflatten(out)
 
 
 def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", window=None,
@@ -148,6 +180,7 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
     forward's mask. Rows that see no key are 0. The result does not carry
     gradients (it is for need_weights and for inspection).
     """
+    q, k, attn_mask = _autocast(q, k, attn_mask)
     a = attention_args("selfattn.attention_weights", q, k, k, causal, causal_alignment, window,
                        scale, attn_mask, key_lengths, dropout_p)
     if lse is not None:
@@ -157,5 +190,5 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
             raise ArgumentError(f"selfattn.attention_weights: lse must be a {a.lse_dtype} tensor "
                                 f"of shape (B, Hq, Sq) = {expected}")
     rng = rng_state(a.dropout_p, q.device, generator)
-    return probs(q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
-                 a.window_right, a.bottom_right, a.dropout_p)
+    return fused_probs(q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
+                       a.window_right, a.bottom_right, a.dropout_p)

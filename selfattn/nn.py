@@ -3,20 +3,22 @@
 Drop-ins for torch's layers: `MultiheadAttention`, `TransformerEncoderLayer`,
 `TransformerDecoderLayer`, `TransformerEncoder`, `TransformerDecoder` subclass
 torch's classes, so constructors, parameter names, initialisation and
-state_dicts are torch's own; only the attention runs through
-`selfattn.attention` ((B, S, H, D) views of the projections, no copies) and,
-for need_weights, `selfattn.attention_weights` from the forward's logsumexp.
-torch's masks (True = NOT allowed, float = added) are translated to the
-kernel's arguments: a suffix key padding becomes `key_lengths`, is_causal
-becomes the kernel's causal flag, anything else one broadcast mask.
+state_dicts are torch's own; only the attention runs through selfattn's
+forward op ((B, S, H, D) views of the projections, no copies) and, for
+need_weights, its probabilities op from the forward's logsumexp. Their
+forwards are TorchScript-compatible, so scripted layers keep the fused ops in
+their graphs. torch's masks (True = NOT allowed, float = added) are
+translated to the kernel's arguments: a suffix key padding becomes
+`key_lengths`, is_causal becomes the kernel's causal flag, anything else one
+broadcast mask.
 
 Further layers with selfattn's own conventions (bool masks True = takes part,
 batch-first (B, S, E) inputs): `SelfAttention`, `CausalSelfAttention`,
 `LocalSelfAttention`, `HierarchicalSelfAttention`, `AdditiveAttention`,
 `SinusoidalPositionalEncoding`, `RotaryEmbedding`.
 
-One difference from torch everywhere: a query that sees no key at all gets 0
-(torch gives NaN).
+A query that sees no key at all gets 0 (torch's MultiheadAttention gives NaN
+there with need_weights=True; README, "Drop-ins: what matches torch").
 """
 import math
 from typing import Optional, Tuple, Union
@@ -26,10 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+from torch.nn.attention.bias import CausalBias
+
 from . import reference
+from ._args import MAX_HEAD_DIM, default_scale
 from .errors import (ArgumentAssertionError, ArgumentError, ArgumentTypeAssertionError,
                      ArgumentTypeError)
-from .functional import attention, forward, math_only, probs, rng_state
+from .functional import attention, fused_forward, fused_probs, math_only, rng_state
 
 __all__ = [
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
@@ -47,9 +52,10 @@ __all__ = [
 def _suffix_lengths(key_padding_mask: Tensor) -> Optional[Tensor]:
     """(N,) key lengths when the bool (N, S) padding mask (True = padding) pads
     exactly a suffix of every row, else None. Reads the mask on the host, so it
-    is skipped under torch.compile (the caller then uses a mask)."""
+    is skipped under torch.compile and torch.jit.trace (the caller then uses a
+    mask), which would bake the host's answer into the graph."""
     if not torch.jit.is_scripting():
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
     lengths = (~key_padding_mask).sum(1)
     suffix = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device) \
@@ -93,11 +99,12 @@ def _merge_masks(a: Optional[Tensor], b: Optional[Tensor], dtype: torch.dtype) -
 
 
 def _linear(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
-    """F.linear; a bias of another dtype than the weight is added after the
-    product (type promotion), which torch's MultiheadAttention accepts too."""
+    """F.linear; a bias of another dtype than the weight is added in place
+    after the product (the product keeps the weight's dtype), as torch's
+    MultiheadAttention accepts it."""
     assert w is not None
     if b is not None and b.dtype != w.dtype:
-        return F.linear(x, w) + b
+        return F.linear(x, w).add_(b)
     return F.linear(x, w, b)
 
 
@@ -106,6 +113,32 @@ def _chunk3(t: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Op
         return None, None, None
     a, b, c = t.chunk(3)
     return a, b, c
+
+
+def _check_eager(fn: str, mha: torch.nn.MultiheadAttention, key_padding_mask,
+                 attn_mask, dropout_p: float) -> None:
+    """The checks of MultiheadAttention.forward that TorchScript cannot
+    express (argument types and tensor subclasses; scripted graphs get plain
+    tensors), and what selfattn does not take (errors also AssertionErrors)."""
+    for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor):
+            raise ArgumentTypeAssertionError(
+                f"{fn}: {name} must be a torch.Tensor, got {type(mask).__name__}")
+        if isinstance(mask, CausalBias):
+            raise ArgumentTypeAssertionError(
+                f"{fn}: {name} is a CausalBias, which MultiheadAttention does not take (as "
+                "torch's); pass a causal mask with is_causal=True")
+        if mask.is_nested or mask.layout != torch.strided:
+            raise ArgumentTypeAssertionError(f"{fn}: {name} must be a dense (strided) tensor")
+    if mha.head_dim > MAX_HEAD_DIM:
+        raise ArgumentAssertionError(
+            f"{fn}: embed_dim / num_heads = {mha.head_dim} exceeds selfattn's largest head dim, "
+            f"{MAX_HEAD_DIM}")
+    if dropout_p >= 1.0:
+        raise ArgumentAssertionError(
+            f"{fn}: dropout must be below 1 in training, got {dropout_p}")
 
 
 @torch.jit.unused
@@ -177,6 +210,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ArgumentTypeAssertionError(
                 f"{fn}: nested tensor inputs are not supported; pad them (to_padded_tensor) "
                 "and pass key_padding_mask")
+        dropout_p = float(self.dropout) if self.training else 0.0
+        if not torch.jit.is_scripting():
+            _check_eager(fn, self, key_padding_mask, attn_mask, dropout_p)
         # As torch: with is_causal, no key_padding_mask and no weights, attn_mask
         # is only a hint whose shape is not checked.
         causal_hint = is_causal and key_padding_mask is None and not need_weights
@@ -230,7 +266,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 mask = _merge_masks(mask, kpm, q.dtype)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        dropout_p = float(self.dropout) if self.training else 0.0
         weights: Optional[Tensor] = None
         reference_math = False
         if not torch.jit.is_scripting():
@@ -241,13 +276,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             # One dropout state for the output and the weights: the same mask.
             rng = rng_state(dropout_p, q.device)
-            scale = 1.0 / math.sqrt(self.head_dim)
-            right = 0 if causal else -1
-            out, lse = forward(q, k, v, mask, key_lengths, rng, scale, -1, right, False,
-                               dropout_p)
+            scale = default_scale(self.head_dim)
+            right = 0 if causal else -1  # causal: top-left, as torch's is_causal
+            out, lse = fused_forward(q, k, v, mask, key_lengths, rng, scale, -1, right, False,
+                                     dropout_p)
             if need_weights:
-                weights = probs(q, k, lse, mask, key_lengths, rng, scale, -1, right, False,
-                                dropout_p)
+                weights = fused_probs(q, k, lse, mask, key_lengths, rng, scale, -1, right,
+                                      False, dropout_p)
         # (N, L, H, D) -> query's layout, one copy, then the output projection.
         if self.batch_first or not batched:
             out = out.flatten(2)
@@ -299,6 +334,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 raise ArgumentAssertionError(
                     f"{fn}: key has batch size {key.shape[1 - seq]}, query {N}")
         L, S = query.shape[seq], key.shape[seq]
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.device != query.device:
+                raise ArgumentAssertionError(
+                    f"{fn}: {name} is on {mask.device}, but query is on {query.device}")
         if key_padding_mask is not None:
             expected = [N, S] if batched else [S]
             if list(key_padding_mask.shape) != expected:
@@ -369,15 +408,29 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False):
     src (S, N, E) / (N, S, E) with batch_first / (S, E); masks as
     `MultiheadAttention`'s attn_mask and key_padding_mask. torch's inference
-    fast path (which would bypass the kernel) is not taken.
+    fast path (which would bypass the kernel) is not taken. A nested src
+    (what torch.nn.TransformerEncoder's inference path hands its layers) is
+    run padded, with its padding masked, and returned nested.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _use_fused(self.self_attn)
 
+    @torch.jit.unused
+    def _nested_forward(self, src: Tensor, src_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        rows = src.unbind()
+        lengths = torch.tensor([t.shape[0] for t in rows], device=src.device)
+        padded = src.to_padded_tensor(0.0)  # (N, S, E): torch nests batch-first input only
+        padding = torch.arange(padded.shape[1], device=src.device) >= lengths.unsqueeze(1)
+        out = self.forward(padded, src_mask, padding, is_causal)
+        return torch.nested.nested_tensor([out[i, :n] for i, n in enumerate(lengths.tolist())],
+                                          layout=src.layout)
+
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if src.is_nested:
+            return self._nested_forward(src, src_mask, is_causal)
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)

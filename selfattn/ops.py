@@ -61,9 +61,19 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _same_device(q, **tensors):
+    """The fake kernels also serve a real call with a `meta` argument: refuse
+    tensors on another device than q, as the real kernels do, rather than
+    return uninitialised outputs."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise RuntimeError(f"selfattn: {name} is on {t.device}, but q is on {q.device}")
+
+
 @torch.library.register_fake("selfattn::attention_forward")
 def _forward_fake(q, k, v, attn_mask, key_lengths, rng_state, scale, window_left,
                   window_right, bottom_right, dropout_p):
+    _same_device(q, k=k, v=v, attn_mask=attn_mask, key_lengths=key_lengths, rng_state=rng_state)
     B, Sq, Hq, _ = q.shape
     out = q.new_empty((B, Sq, Hq, v.shape[3]))
     lse = q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q))
@@ -73,6 +83,8 @@ def _forward_fake(q, k, v, attn_mask, key_lengths, rng_state, scale, window_left
 @torch.library.register_fake("selfattn::attention_backward")
 def _backward_fake(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state, scale,
                    window_left, window_right, bottom_right, dropout_p, mask_grad):
+    _same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, attn_mask=attn_mask,
+                 key_lengths=key_lengths, rng_state=rng_state)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -86,6 +98,8 @@ def _backward_fake(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state, s
 @torch.library.register_fake("selfattn::attention_probs")
 def _probs_fake(q, k, lse, attn_mask, key_lengths, rng_state, scale, window_left,
                 window_right, bottom_right, dropout_p):
+    _same_device(q, k=k, lse=lse, attn_mask=attn_mask, key_lengths=key_lengths,
+                 rng_state=rng_state)
     B, Sq, Hq, _ = q.shape
     return q.new_empty((B, Hq, Sq, k.shape[1]))
 

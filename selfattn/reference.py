@@ -86,7 +86,7 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """Reference of `selfattn.scaled_dot_product_attention` ((B, H, S, D) layout,
-    torch's semantics except that rows seeing no key give 0 instead of NaN)."""
+    torch's semantics; rows seeing no key give 0, as torch 2.13/2.14's SDPA)."""
     q, k, v, kwargs, unflatten = sdpa_to_attention(
         "selfattn.reference.scaled_dot_product_attention", query, key, value, attn_mask,
         dropout_p, is_causal, scale, enable_gqa)

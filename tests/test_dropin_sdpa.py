@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
@@ -157,8 +158,10 @@ def _t(*shape, dtype=torch.float32, device="cpu"):
 
 
 SHAPE = (1, 4, 8, 16)
-# (id, args, kwargs, the type torch raises); taken from torch's SDPA tests and
-# the checks of its CPU dispatch.
+# torch 2.13 takes attn_mask with is_causal=True (and applies both); 2.14 raises.
+MASK_WITH_IS_CAUSAL = RuntimeError if TorchVersion(torch.__version__) >= "2.14" else None
+# (id, args, kwargs, the type torch raises, None where this torch raises
+# nothing); taken from torch's SDPA tests and the checks of its CPU dispatch.
 ERRORS = [
     ("dtypes_differ", lambda: (_t(*SHAPE), _t(*SHAPE, dtype=torch.half),
                                _t(*SHAPE, dtype=torch.half)), {}, RuntimeError),
@@ -176,7 +179,9 @@ ERRORS = [
     ("gqa_heads_do_not_divide", lambda: (_t(1, 4, 8, 16), _t(1, 3, 8, 16), _t(1, 3, 8, 16)),
      dict(enable_gqa=True), RuntimeError),
     ("mask_with_is_causal", lambda: (_t(*SHAPE),) * 3,
-     dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), RuntimeError),
+     dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), MASK_WITH_IS_CAUSAL),
+    ("mask_float64_with_float32_query", lambda: (_t(*SHAPE),) * 3,
+     dict(attn_mask=torch.zeros(8, 8, dtype=torch.float64)), RuntimeError),
     ("mask_not_broadcastable", lambda: (_t(*SHAPE),) * 3,
      dict(attn_mask=torch.ones(3, 8, dtype=torch.bool)), RuntimeError),
     ("mask_integer_dtype", lambda: (_t(*SHAPE),) * 3,
@@ -184,17 +189,33 @@ ERRORS = [
     ("dropout_above_one", lambda: (_t(*SHAPE),) * 3, dict(dropout_p=1.5), RuntimeError),
     ("query_not_a_tensor", lambda: (1.0, _t(*SHAPE), _t(*SHAPE)), {}, TypeError),
     ("scale_not_a_float", lambda: (_t(*SHAPE),) * 3, dict(scale="0.5"), TypeError),
+    ("is_causal_not_a_bool", lambda: (_t(*SHAPE),) * 3, dict(is_causal=1), TypeError),
+    ("enable_gqa_not_a_bool", lambda: (_t(*SHAPE),) * 3, dict(enable_gqa=None), TypeError),
 ]
 
 
 @pytest.mark.parametrize("args,kwargs,torch_type", [e[1:] for e in ERRORS],
                          ids=[e[0] for e in ERRORS])
 def test_errors_have_torchs_type(args, kwargs, torch_type):
-    with pytest.raises(torch_type):  # what torch raises, so the table stays true
+    if torch_type is None:  # this torch takes it; selfattn refuses it (README) as 2.14 does
         F.scaled_dot_product_attention(*args(), **kwargs)
+        torch_type = RuntimeError
+    else:
+        with pytest.raises(torch_type):  # what torch raises, so the table stays true
+            F.scaled_dot_product_attention(*args(), **kwargs)
     with pytest.raises(torch_type, match="selfattn") as info:
         selfattn.scaled_dot_product_attention(*args(), **kwargs)
     assert isinstance(info.value, (ValueError, TypeError))  # selfattn's documented types
+
+
+def test_errors_name_query_key_value():
+    q = _t(*SHAPE)
+    with pytest.raises(TypeError, match=r"scaled_dot_product_attention: key has dtype "
+                                        r"torch.float64, which differs from query's"):
+        selfattn.scaled_dot_product_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match=r"key has 3 heads, which does not divide query's 4"):
+        selfattn.scaled_dot_product_attention(q, _t(1, 3, 8, 16), _t(1, 3, 8, 16),
+                                              enable_gqa=True)
 
 
 def test_nested_and_sparse_inputs_are_refused():
@@ -215,13 +236,13 @@ def test_nested_and_sparse_inputs_are_refused():
 def fused_calls(monkeypatch):
     """Counts calls of the fused forward op."""
     calls = []
-    real = functional.forward
+    real = functional.fused_forward
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr(functional, "forward", spy)
+    monkeypatch.setattr(functional, "fused_forward", spy)
     return calls
 
 
@@ -256,6 +277,10 @@ def test_autocast_runs_in_the_autocast_dtype_as_torch(compiled):
         theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         as_float64 = selfattn.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert out.dtype == theirs.dtype == torch.bfloat16 and as_float64.dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed input dtypes, as torch takes them
+        mixed = selfattn.scaled_dot_product_attention(q, k.bfloat16(), v, attn_mask=mask)
+        assert F.scaled_dot_product_attention(q, k.bfloat16(), v, attn_mask=mask).dtype \
+            == mixed.dtype == torch.bfloat16
     cast = [t.detach().bfloat16().requires_grad_() for t in (q, k, v, mask)]
     expected = selfattn.scaled_dot_product_attention(*cast[:3], attn_mask=cast[3])
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -136,9 +136,9 @@ def test_mha_masks_reach_the_kernel_efficiently(monkeypatch):
         call = dict(zip(names, args))
         call["causal"] = call["window_right"] == 0
         calls.append(call)
-        return selfattn.functional.forward(*args)
+        return selfattn.functional.fused_forward(*args)
 
-    monkeypatch.setattr(sa, "forward", spy)
+    monkeypatch.setattr(sa, "fused_forward", spy)
     m = sa.MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(N, L, E)
     suffix, _, _ = _masks("kpm_suffix", L, L, torch.float32)
