@@ -266,21 +266,26 @@ inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) 
 #endif
 
 // dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)
-// transposed, in 16 x 16 blocks.
+// transposed, in 16 x 16 blocks: whole float blocks in registers (our
+// transpose16 on AVX-512, at::vec's four 8 x 8 shuffles on AVX2), the rest
+// through at::vec's element-wise transpose_mxn.
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t kTile = 16;
   for (int64_t r = 0; r < rows; r += kTile) {
     for (int64_t c = 0; c < cols; c += kTile) {
       const int64_t m = std::min(kTile, rows - r), n = std::min(kTile, cols - c);
-#if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<T, float>) {
         if (m == kTile && n == kTile) {
+#if defined(CPU_CAPABILITY_AVX512)
           transpose16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
           continue;
+#elif defined(CPU_CAPABILITY_AVX2)
+          at::vec::transpose_mxn<float, 16, 16>(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+          continue;
+#endif
         }
       }
-#endif
       at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * ldd + r, ldd,
                                 static_cast<int>(m), static_cast<int>(n));
     }
