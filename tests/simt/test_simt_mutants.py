@@ -3,13 +3,13 @@ kernels, each of which it must report.
 
 Each mutant is one edit to a copy of csrc/ (a barrier removed, a
 cp.async.wait_group that retires too early, a swapped fragment register, an
-off-by-one in a visibility or row bound); only the translation unit that
+off-by-one in a visibility or row bound, a tile's zero-fill skipped); only the translation unit that
 runs the broken kernel is recompiled and linked with the other objects of
 the main emulated build (tests/simt/simt_build.py). The mutant library
 registers the same op library as the main one, so it runs in a subprocess
 on one case of test_simt_attention.py, which must end in the expected
-report: an emulator error (race, in-flight cp.async, out-of-bounds access)
-or a wrong answer against the float64 reference.
+report: an emulator error (race, in-flight cp.async, uninitialized shared
+memory, out-of-bounds access) or a wrong answer against the float64 reference.
 """
 import json
 import os
@@ -57,6 +57,14 @@ MUTANTS = {
         FWD_TU, [(DEVICE, "hi = right >= 0 ? min(kv_len, i1 + off + right + 1) : kv_len;",
                   "hi = right >= 0 ? min(kv_len, i1 + off + right) : kv_len;")],
         dict(dtype="float16", family="flash", Sq=65, causal=True), "wrong answer"),
+    "zero_fill_skipped": (  # rows past the keys left unwritten (CUDA_FACTS 10.3)
+        FWD_TU, [(DEVICE, "cp_async_16(smem + swz<kCols>(r, c), ok ? gmem + r * stride + c : fallback, ok);",
+                  "if (ok) cp_async_16(smem + swz<kCols>(r, c), gmem + r * stride + c, true);")],
+        dict(dtype="float16", family="flash", Sq=40), "no thread of this block has written"),
+    "shared_row_overrun": (  # warp 3 writes past the kernel's s_k[4][512]
+        FALLBACK_TU, [("csrc/cuda/fallback.cu", "acc_t* sk = s_k[warp];", "acc_t* sk = s_k[warp + 1];")],
+        dict(dtype="float32", family="fallback", Sq=40),
+        RACE + "|past the end of __shared__|not one of this kernel's __shared__ arrays"),
     "row_bound_off_by_one": (
         FWD_TU, [(FWD, "    if (i < p.Sq) {\n      const float inv", "    if (i <= p.Sq) {\n      const float inv")],
         dict(dtype="float16", family="flash", Sq=17), "outside every buffer"),

@@ -21,18 +21,29 @@
 //    barrier epoch, thread and __syncwarp generation, and the hooks report
 //    a race (two threads, one writing, with no __syncthreads between them,
 //    or no __syncwarp within a warp), a read of a byte no thread of the
-//    block wrote, an access to an in-flight cp.async destination, or one
-//    beyond the launch's dynamic shared memory. Every other access must
+//    block wrote, an access to an in-flight cp.async destination, one that
+//    is not inside a single __shared__ array of the running kernel (their
+//    extents are the TLS symbols of this library's ELF symbol table; an
+//    overrun into another array of the same kernel shows as a race or a
+//    wrong answer instead), or one beyond the launch's dynamic shared memory. Every other access must
 //    land on an element of one of the launch's buffers (writes on a
 //    writable one), or be a read of this library's own image (constants).
 //    Accesses of naturally aligned types must sit at a multiple of their size.
 //  - Reports name the threads and the source lines of both accesses
 //    (return addresses resolved with addr2line on this library).
+// Not modelled: blocks run one after another (no concurrency between blocks,
+// no global-memory race detection, atomics in program order); the memory
+// model beyond barrier ordering; speed, occupancy, registers and bank conflicts; the GPU's own rounding of
+// exp/log and of tensor-core sums (see ptx.cpp).
 #include "runtime.h"
 
+#include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <link.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -173,6 +184,101 @@ std::vector<DynamicShared>& dynamic_arrays() {
 }
 std::vector<std::pair<uintptr_t, uintptr_t>> g_dynamic;  // [lo, lo + capacity) this launch
 
+// The __shared__ arrays: TLS objects of this library, by offset in its TLS
+// block. A launch may touch those of its kernel (static locals, whose
+// symbols are "_ZZ" + the kernel's mangled name without "_Z" + "E...") and
+// the dynamic one.
+struct SharedArray {
+  uint64_t offset, size;
+  std::string symbol, name;
+  bool in_launch;
+};
+std::vector<SharedArray> g_arrays;
+std::map<uint64_t, std::string> g_functions;  // code offset -> mangled name
+
+// The last `keep` names of a demangled C++ name, without namespaces and
+// parameter lists: ("ns::f<T>(args)::s_q", 2) -> "f<T>::s_q".
+std::string short_name(const std::string& full, size_t keep) {
+  std::vector<std::string> parts(1);
+  int angle = 0, paren = 0;
+  for (size_t i = 0; i < full.size(); ++i) {
+    const char c = full[i];
+    if (paren == 0) angle += c == '<' ? 1 : c == '>' ? -1 : 0;
+    if (c == '(' && angle == 0 && full.compare(i, 21, "(anonymous namespace)") != 0) ++paren;
+    if (paren == 0 && angle == 0 && full.compare(i, 2, "::") == 0) {
+      parts.emplace_back();
+      ++i;
+      continue;
+    }
+    if (paren == 0) parts.back() += c;
+    if (c == ')' && angle == 0 && paren > 0) --paren;
+  }
+  std::string out;
+  for (size_t i = parts.size() > keep ? parts.size() - keep : 0; i < parts.size(); ++i) {
+    out += (out.empty() ? "" : "::") + parts[i];
+  }
+  return out;
+}
+
+std::string array_label(const char* mangled) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  const std::string full = status == 0 ? d : mangled;
+  std::free(d);
+  return short_name(full, 2);
+}
+
+// Reads the TLS object symbols of this library's ELF symbol table (.symtab).
+void read_shared_arrays() {
+  const int fd = open(g_module_path.c_str(), O_RDONLY);
+  if (fd < 0) throw std::runtime_error("simt: cannot read " + g_module_path);
+  auto read_at = [&](void* dst, size_t n, uint64_t off) {
+    if (pread(fd, dst, n, off_t(off)) != ssize_t(n)) throw std::runtime_error("simt: bad ELF file");
+  };
+  Elf64_Ehdr eh;
+  read_at(&eh, sizeof eh, 0);
+  std::vector<Elf64_Shdr> sections(eh.e_shnum);
+  read_at(sections.data(), sizeof(Elf64_Shdr) * eh.e_shnum, eh.e_shoff);
+  for (const auto& sh : sections) {
+    if (sh.sh_type != SHT_SYMTAB) continue;
+    std::vector<Elf64_Sym> syms(sh.sh_size / sizeof(Elf64_Sym));
+    read_at(syms.data(), sh.sh_size, sh.sh_offset);
+    const Elf64_Shdr& str = sections[sh.sh_link];
+    std::string names(str.sh_size, '\0');
+    read_at(names.data(), str.sh_size, str.sh_offset);
+    for (const auto& sym : syms) {
+      const char* name = names.c_str() + sym.st_name;
+      if (ELF64_ST_TYPE(sym.st_info) == STT_TLS && sym.st_size > 0) {
+        g_arrays.push_back(SharedArray{sym.st_value, sym.st_size, name, array_label(name), false});
+      } else if (ELF64_ST_TYPE(sym.st_info) == STT_FUNC) {
+        g_functions[sym.st_value] = name;
+      }
+    }
+  }
+  close(fd);
+  std::sort(g_arrays.begin(), g_arrays.end(),
+            [](const SharedArray& a, const SharedArray& b) { return a.offset < b.offset; });
+}
+
+// Marks the arrays the launch of `kernel` may touch.
+void select_arrays(const void* kernel) {
+  const auto fn = g_functions.find(uintptr_t(kernel) - g_module_base);
+  const std::string prefix = fn == g_functions.end() ? "?" : "_ZZ" + fn->second.substr(2) + "E";
+  for (auto& a : g_arrays) {
+    a.in_launch = a.symbol.compare(0, prefix.size(), prefix) == 0;
+    for (const auto& d : g_dynamic) a.in_launch |= d.first == g_tls_lo + a.offset;
+  }
+}
+
+// The __shared__ array holding TLS offset `off`, or nullptr.
+const SharedArray* array_at(uint64_t off) {
+  auto it = std::upper_bound(g_arrays.begin(), g_arrays.end(), off,
+                             [](uint64_t o, const SharedArray& a) { return o < a.offset; });
+  if (it == g_arrays.begin()) return nullptr;
+  --it;
+  return off < it->offset + it->size ? &*it : nullptr;
+}
+
 int find_module(dl_phdr_info* info, size_t, void*) {
   if (info->dlpi_addr != g_module_base) return 0;
   g_image_lo = UINTPTR_MAX;
@@ -197,7 +303,10 @@ void locate_module() {
     throw std::runtime_error("simt: dladdr cannot find the emulator's library");
   }
   g_module_base = uintptr_t(info.dli_fbase);
-  g_module_path = info.dli_fname;
+  if (g_module_path.empty()) {
+    g_module_path = info.dli_fname;
+    read_shared_arrays();
+  }
   g_dynamic.clear();
   for (const auto& d : dynamic_arrays()) {  // touching them allocates this thread's TLS block
     const uintptr_t lo = uintptr_t(d.addr());
@@ -239,13 +348,11 @@ bool unordered(const Access& r, int tid) {
 
 std::string shared_tag(uintptr_t a) {
   std::ostringstream s;
-  for (size_t i = 0; i < g_dynamic.size(); ++i) {
-    if (a >= g_dynamic[i].first && a < g_dynamic[i].second) {
-      s << "dynamic shared memory + " << (a - g_dynamic[i].first);
-      return s.str();
-    }
+  if (const SharedArray* array = array_at(a - g_tls_lo)) {
+    s << "__shared__ " << array->name << " + " << (a - g_tls_lo - array->offset);
+  } else {
+    s << "shared memory (TLS + " << (a - g_tls_lo) << ")";
   }
-  s << "static shared memory (TLS + " << (a - g_tls_lo) << ")";
   return s.str();
 }
 
@@ -271,13 +378,29 @@ void check_pending(const ByteShadow& b, int tid, bool write, uintptr_t a, uintpt
   fail(s.str());
 }
 
-void check_dynamic_bounds(int tid, bool write, uintptr_t a, size_t n, uintptr_t pc) {
+// The access stays inside one __shared__ array, and the dynamic one inside
+// the launch's bytes.
+void check_shared_bounds(int tid, bool write, uintptr_t a, size_t n, uintptr_t pc) {
+  const SharedArray* array = array_at(a - g_tls_lo);
+  if (array == nullptr || !array->in_launch || a + n > g_tls_lo + array->offset + array->size) {
+    std::ostringstream s;
+    s << thread_tag(tid) << (write ? " writes " : " reads ") << n << " bytes at " << shared_tag(a)
+      << " at " << pc_tag(pc);
+    if (array == nullptr) {
+      s << ", outside every __shared__ array";
+    } else if (!array->in_launch) {
+      s << ", which is not one of this kernel's __shared__ arrays";
+    } else {
+      s << ", past the end of __shared__ array " << array->name << " (" << array->size << " bytes)";
+    }
+    fail(s.str());
+  }
   for (const auto& d : g_dynamic) {
     if (a + n > d.first && a < d.second && a + n > d.first + g_launch->smem) {
       std::ostringstream s;
-      s << thread_tag(tid) << (write ? " writes " : " reads ") << n << " bytes at dynamic shared "
-        << "memory + " << (a - d.first) << " at " << pc_tag(pc) << ", beyond the "
-        << g_launch->smem << " bytes of this launch";
+      s << thread_tag(tid) << (write ? " writes " : " reads ") << n << " bytes at "
+        << shared_tag(a) << " at " << pc_tag(pc) << ", beyond the " << g_launch->smem
+        << " bytes of dynamic shared memory of this launch";
       fail(s.str());
     }
   }
@@ -560,6 +683,7 @@ void run(const Launch& l) {
   }
   if (g_shadow.size() < g_tls_hi - g_tls_lo) g_shadow.resize(g_tls_hi - g_tls_lo);
   index_buffers(l.buffers);
+  select_arrays(l.kernel);
   g_launch = &l;
   g_threads = threads;
   g_rng = (g_seed + 1) * 0x9E3779B97F4A7C15ull ^ (++g_launch_serial * 0xD1B54A32D192ED03ull);
@@ -814,7 +938,7 @@ unsigned ballot(unsigned mask, bool pred) {
 bool is_shared(uintptr_t a) { return a >= g_tls_lo && a < g_tls_hi; }
 
 void shared_access(int tid, bool write, uintptr_t a, size_t n, uintptr_t pc) {
-  check_dynamic_bounds(tid, write, a, n, pc);
+  check_shared_bounds(tid, write, a, n, pc);
   const Access now = access_now(tid, pc);
   for (size_t i = 0; i < n; ++i) {
     ByteShadow& b = shadow_at(tid, write, a, i, n, pc);
@@ -840,7 +964,7 @@ void shared_access(int tid, bool write, uintptr_t a, size_t n, uintptr_t pc) {
 }
 
 void shared_begin_async_write(int tid, uintptr_t a, size_t n, uintptr_t pc) {
-  check_dynamic_bounds(tid, true, a, n, pc);
+  check_shared_bounds(tid, true, a, n, pc);
   for (size_t i = 0; i < n; ++i) {
     ByteShadow& b = shadow_at(tid, true, a, i, n, pc);
     if (b.pending.epoch != 0) {
@@ -942,16 +1066,6 @@ void fail(const std::string& what) {
 
 namespace {
 
-// "ns::f<T>(args)" -> "f<T>"
-std::string short_function(std::string fn) {
-  const size_t open = fn.find_first_of("<(");
-  const size_t ns = fn.rfind("::", open);
-  if (ns != std::string::npos) fn = fn.substr(ns + 2);
-  const size_t paren = fn.rfind('(');
-  if (paren != std::string::npos && fn.back() == ')') fn = fn.substr(0, paren);
-  return fn;
-}
-
 // addr2line's (function, file:line) lines of a code offset, innermost inlined frame first.
 std::vector<std::pair<std::string, std::string>> frames_of(uintptr_t off) {
   static std::map<uintptr_t, std::vector<std::pair<std::string, std::string>>> cache;
@@ -981,7 +1095,7 @@ std::vector<std::pair<std::string, std::string>> frames_of(uintptr_t off) {
     }
     const size_t disc = file.find(" (discriminator");
     if (disc != std::string::npos) file = file.substr(0, disc);
-    frames.emplace_back(short_function(lines[i]), file);
+    frames.emplace_back(short_name(lines[i], 1), file);
   }
   return cache[off] = frames;
 }
