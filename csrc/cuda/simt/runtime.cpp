@@ -1178,6 +1178,10 @@ SIMT_HOOK(write, 16, true)
 
 // Atomics of instrumented host code (e.g. reference counts in c10 headers):
 // performed as sequentially consistent atomics; kernels do not use them.
+#define SIMT_FETCH(bits, T, op)                                                                 \
+  extern "C" T __tsan_atomic##bits##_fetch_##op(volatile T* a, T v, int) {                       \
+    return __atomic_fetch_##op(a, v, __ATOMIC_SEQ_CST);                                          \
+  }
 #define SIMT_ATOMICS(bits, T)                                                                   \
   extern "C" T __tsan_atomic##bits##_load(const volatile T* a, int) {                            \
     return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                 \
@@ -1188,24 +1192,12 @@ SIMT_HOOK(write, 16, true)
   extern "C" T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {                         \
     return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                          \
   }                                                                                              \
-  extern "C" T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) {                        \
-    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  extern "C" T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) {                        \
-    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  extern "C" T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) {                        \
-    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  extern "C" T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) {                         \
-    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                            \
-  }                                                                                              \
-  extern "C" T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) {                        \
-    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  extern "C" T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) {                       \
-    return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                              \
+  SIMT_FETCH(bits, T, add)                                                                       \
+  SIMT_FETCH(bits, T, sub)                                                                       \
+  SIMT_FETCH(bits, T, and)                                                                       \
+  SIMT_FETCH(bits, T, or)                                                                        \
+  SIMT_FETCH(bits, T, xor)                                                                       \
+  SIMT_FETCH(bits, T, nand)                                                                      \
   extern "C" int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int,    \
                                                                int) {                            \
     return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);      \
@@ -1223,6 +1215,7 @@ SIMT_ATOMICS(16, short)
 SIMT_ATOMICS(32, int)
 SIMT_ATOMICS(64, long)
 #undef SIMT_ATOMICS
+#undef SIMT_FETCH
 
 extern "C" {
 void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
