@@ -191,7 +191,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 // (__shared__ is thread_local in the emulator), registered with the emulator.
 inline thread_local __align__(128) unsigned char smem[228 * 1024];
 inline unsigned char* dynamic_smem() { return smem; }
-inline const bool dynamic_smem_registered = ::simt::register_dynamic_shared(&dynamic_smem, sizeof(smem));
+inline const bool dynamic_smem_registered =
+    ::simt::register_dynamic_shared(&dynamic_smem, sizeof(smem));
 
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   ::simt::cp_async(dst, src, 16, valid ? 16 : 0);
@@ -210,8 +211,8 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
   const uint32_t b[2] = {b0, b1};
-  ::simt::mma_m16n8k16(d, a, b,
-                       std::is_same<T, __half>::value ? ::simt::MmaType::F16 : ::simt::MmaType::BF16);
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+  ::simt::mma_m16n8k16(d, a, b, kF16 ? ::simt::MmaType::F16 : ::simt::MmaType::BF16);
 }
 #else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

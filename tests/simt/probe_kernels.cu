@@ -25,7 +25,9 @@ struct Params {
 std::vector<simt::Buffer> launch_buffers(const Params& p) {
   std::vector<simt::Buffer> v;
   static const char* names[3] = {"in0", "in1", "in2"};
-  for (int i = 0; i < 3; ++i) v.push_back(simt_ops::flat(names[i], p.in[i], p.in_bytes[i], 1, false));
+  for (int i = 0; i < 3; ++i) {
+    v.push_back(simt_ops::flat(names[i], p.in[i], p.in_bytes[i], 1, false));
+  }
   v.push_back(simt_ops::flat("out", p.out, p.out_bytes, 1, true));
   return v;
 }
@@ -196,7 +198,8 @@ const Probe kProbes[] = {
 };
 
 void run(const std::string& name, const std::vector<at::Tensor>& inputs, const at::Tensor& out) {
-  TORCH_CHECK(inputs.size() <= 3 && out.is_contiguous() && out.is_cpu(), "simt_probe: bad arguments");
+  TORCH_CHECK(inputs.size() <= 3 && out.is_contiguous() && out.is_cpu(),
+              "simt_probe: bad arguments");
   Params p;
   for (size_t i = 0; i < inputs.size(); ++i) {
     TORCH_CHECK(inputs[i].is_contiguous() && inputs[i].is_cpu(), "simt_probe: bad input");

@@ -42,7 +42,8 @@ HOST_SOURCES = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "attention
 
 def unsupported_reason():
     """Why this host cannot build the emulator, or None."""
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+    x86_64 = platform.machine().lower() in ("x86_64", "amd64")
+    if not sys.platform.startswith("linux") or not x86_64:
         return "the SIMT emulator needs x86-64 Linux (its fibers switch in x86-64 assembly)"
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         return "no C++ compiler (g++) on PATH"
@@ -74,7 +75,8 @@ def _flags():
     common = [
         # CUDA code type-puns through pointers (e.g. a pair of halves stored as
         # one uint32_t), which nvcc tolerates and g++ -O2 may not.
-        "-std=c++20", "-fPIC", "-O2", "-fno-strict-aliasing", "-DSELFATTN_SIMT", "-Dselfattn=selfattn_simt",
+        "-std=c++20", "-fPIC", "-O2", "-fno-strict-aliasing",
+        "-DSELFATTN_SIMT", "-Dselfattn=selfattn_simt",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         "-isystem", inc, "-isystem", os.path.join(inc, "torch", "csrc", "api", "include"),
         "-I", os.path.join(ROOT, "csrc", "cuda"),
@@ -134,9 +136,11 @@ def _run_ninja(build_dir):
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
     with open(os.path.join(build_dir, ".lock"), "w") as lock:  # one build of a directory at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.run([_ninja(), "-C", build_dir, "-j", jobs], capture_output=True, text=True)
+        proc = subprocess.run([_ninja(), "-C", build_dir, "-j", jobs], capture_output=True,
+                              text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"building the SIMT emulator failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError("building the SIMT emulator failed:\n"
+                           f"{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}")
 
 
 def build():

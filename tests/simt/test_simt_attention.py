@@ -121,8 +121,8 @@ def make_views(c: Case, g: torch.Generator):
     if c.layout == "bshd":
         return randn(c.B, c.Sq, c.Hq, c.D), randn(c.B, Sk, Hkv, c.D), randn(c.B, Sk, Hkv, Dv)
     if c.layout == "bhsd":  # (B, H, S, D) storage read as (B, S, H, D) views
-        return (randn(c.B, c.Hq, c.Sq, c.D).transpose(1, 2), randn(c.B, Hkv, Sk, c.D).transpose(1, 2),
-                randn(c.B, Hkv, Sk, Dv).transpose(1, 2))
+        return (randn(c.B, c.Hq, c.Sq, c.D).transpose(1, 2),
+                randn(c.B, Hkv, Sk, c.D).transpose(1, 2), randn(c.B, Hkv, Sk, Dv).transpose(1, 2))
     if c.layout == "packed":  # q, k, v slices of one (B, S, 3, H, D) projection
         assert Sk == c.Sq and Hkv == c.Hq and Dv == c.D
         qkv = randn(c.B, c.Sq, 3, c.Hq, c.D)
@@ -163,6 +163,11 @@ def make_dout(c: Case, shape, g: torch.Generator):
     return torch.randn(shape[-1], generator=g).to(c.dtype).expand(shape)
 
 
+def masking(c: Case):
+    """The case's masking and scale arguments, as selfattn.reference takes them."""
+    return dict(causal=c.causal, causal_alignment=c.align, window=c.window, scale=c.scale)
+
+
 def op_args(c: Case, q, k, v, mask, key_lengths):
     a = attention_args("simt test", q, k, v, c.causal, c.align, c.window, c.scale, mask,
                        key_lengths, c.dropout)
@@ -186,9 +191,9 @@ def run_reference(c, q, k, v, mask, key_lengths, kept, dtype):
         m = mask.detach().to(dtype).requires_grad_(True) if mask.is_floating_point() else mask
         if m.is_floating_point():
             xs.append(m)
-    out, lse = reference.attention(xs[0], xs[1], xs[2], causal=c.causal, causal_alignment=c.align,
-                                   window=c.window, scale=c.scale, attn_mask=m, key_lengths=key_lengths,
-                                   dropout_p=c.dropout, dropout_mask=kept, return_lse=True)
+    out, lse = reference.attention(xs[0], xs[1], xs[2], **masking(c), attn_mask=m,
+                                   key_lengths=key_lengths, dropout_p=c.dropout,
+                                   dropout_mask=kept, return_lse=True)
     return out, lse, xs
 
 
@@ -200,8 +205,7 @@ def delta_residues(c, a, q, k, mask, key_lengths, out, gold, dout):
     all there is to dq, dk and a float mask's gradient where dS cancels (rows
     that see one or two keys), and which the same-dtype reference does not
     have. Returns the largest move of each gradient (dq, dk, dv, dmask)."""
-    P = reference.attention_weights(q.double(), k.double(), causal=c.causal, causal_alignment=c.align,
-                                    window=c.window, scale=c.scale, attn_mask=mask,
+    P = reference.attention_weights(q.double(), k.double(), **masking(c), attn_mask=mask,
                                     key_lengths=key_lengths)  # (B, Hq, Sq, Sk), before dropout
     d_delta = ((dout.double() * gold.detach()).sum(-1) - (dout.double() * out.double()).sum(-1))
     dS = P * d_delta.transpose(1, 2).unsqueeze(-1)
@@ -224,7 +228,8 @@ def assert_close_with_residue(name, actual, lowp_ref, golden, residue):
     scale = max(1.0, golden.abs().max().item()) if golden.numel() else 1.0
     bound = max(ATOL_FLOOR[actual.dtype] * scale, 2.0 * max_err(lowp_ref, golden)) + residue
     err = max_err(actual, golden)
-    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (delta residue {residue:.3e})"
+    assert err <= bound, \
+        f"{name}: error {err:.3e} > bound {bound:.3e} (delta residue {residue:.3e})"
 
 
 def check_lse(lse, lse_lp, lse_64):
@@ -299,29 +304,30 @@ def check_case(simt, c: Case, seed: int):
         expect_kernels(simt, "bwd_delta_kernel", "flash_bwd_dkv_kernel",
                        "flash_bwd_dq_kernel" if c.deterministic else "flash_bwd_dq_convert_kernel")
     else:
-        expect_kernels(simt, "bwd_delta_kernel", "fallback_bwd_dq_kernel", "fallback_bwd_dkv_kernel")
+        expect_kernels(simt, "bwd_delta_kernel", "fallback_bwd_dq_kernel",
+                       "fallback_bwd_dkv_kernel")
     g64 = torch.autograd.grad(gold, xs64, dout.double())
     glp = torch.autograd.grad(lowp, xslp, dout)
     residues = delta_residues(c, a, q, k, xs64[3].detach() if mask_grad else m, key_lengths, out,
                               gold, dout)
-    for name, got, g_lp, g_64, residue in zip(["dq", "dk", "dv", "dmask"], grads, glp, g64, residues):
+    names = ["dq", "dk", "dv", "dmask"]
+    for name, got, g_lp, g_64, residue in zip(names, grads, glp, g64, residues):
         assert_close_with_residue(name, got, g_lp, g_64, residue)
 
     # probabilities, from the saved lse and recomputing it
-    w64 = reference.attention_weights(q.double(), k.double(), causal=c.causal, causal_alignment=c.align,
-                                      window=c.window, scale=c.scale,
-                                      attn_mask=xs64[3] if mask_grad else m,
-                                      key_lengths=key_lengths, dropout_p=c.dropout, dropout_mask=kept)
-    wlp = reference.attention_weights(q, k, causal=c.causal, causal_alignment=c.align,
-                                      window=c.window, scale=c.scale, attn_mask=m, key_lengths=key_lengths,
-                                      dropout_p=c.dropout, dropout_mask=kept)
+    drop = dict(key_lengths=key_lengths, dropout_p=c.dropout, dropout_mask=kept)
+    w64 = reference.attention_weights(q.double(), k.double(), **masking(c),
+                                      attn_mask=xs64[3] if mask_grad else m, **drop)
+    wlp = reference.attention_weights(q, k, **masking(c), attn_mask=m, **drop)
     for lse_in in (lse, None):
         probs = simt.attention_probs(q, k, lse_in, m, key_lengths, rng, *scalars)
-        expect_kernels(simt, "probs_kernel", *([] if lse_in is not None else ["fallback_fwd_kernel"]))
+        recomputed = [] if lse_in is not None else ["fallback_fwd_kernel"]  # the lse
+        expect_kernels(simt, "probs_kernel", *recomputed)
         assert_close_to_golden("probs", probs, wlp, w64.detach())
         if kept is not None:  # exactly the CPU op's kept elements (where a probability is not tiny)
             sure = w64.detach() > 1e-4
-            assert torch.equal((probs != 0)[sure], kept[sure]), "dropout keeps other elements than the CPU op"
+            assert torch.equal((probs != 0)[sure], kept[sure]), \
+                "dropout keeps other elements than the CPU op"
 
 
 # ---------------------------------------------------------------------------
@@ -346,9 +352,11 @@ FLASH = [flash(i, **kw) for i, kw in enumerate([
     dict(Sq=70, Sk=150, window=(0, 0)), dict(Sq=150, Sk=70, window=(5, None), align="top_left"),
     dict(Sq=80, window=(None, 3), D=128), dict(Sq=65, causal=True, window=(20, None), D=256),
     # GQA, MQA
-    dict(Hq=4, Hkv=2, Sq=70), dict(Hq=4, Hkv=1, Sq=50, Sk=90, causal=True), dict(Hq=6, Hkv=3, D=128),
+    dict(Hq=4, Hkv=2, Sq=70), dict(Hq=4, Hkv=1, Sq=50, Sk=90, causal=True),
+    dict(Hq=6, Hkv=3, D=128),
     # key_lengths (including 0)
-    dict(B=3, Sq=40, Sk=70, key_lengths=(70, 33, 0)), dict(B=2, Sq=70, key_lengths=(1, 64), causal=True),
+    dict(B=3, Sq=40, Sk=70, key_lengths=(70, 33, 0)),
+    dict(B=2, Sq=70, key_lengths=(1, 64), causal=True),
     # masks: bool (with a row that sees nothing) and float (with gradient), broadcast shapes
     dict(Sq=40, Sk=70, mask=("bool", "QK")), dict(B=2, Sq=33, mask=("bool", "B1QK")),
     dict(Sq=70, mask=("bool", "H1K")), dict(Sq=40, Sk=70, mask=("float", "QK")),
@@ -358,8 +366,10 @@ FLASH = [flash(i, **kw) for i, kw in enumerate([
     dict(Sq=70, dropout=0.2), dict(Sq=40, Sk=90, dropout=0.3, causal=True, mask=("float", "QK")),
     dict(Hq=4, Hkv=2, Sq=33, dropout=0.1, D=128, key_lengths=(20,)),
     # layouts
-    dict(Sq=70, layout="bhsd"), dict(Sq=40, layout="packed", D=128), dict(B=2, Sq=33, Hq=4, layout="bhsd", D=256),
-    dict(Sq=40, Hq=4, layout="expanded_kv", dout_layout="expanded"), dict(Sq=33, D=128, dout_layout="bhsd"),
+    dict(Sq=70, layout="bhsd"), dict(Sq=40, layout="packed", D=128),
+    dict(B=2, Sq=33, Hq=4, layout="bhsd", D=256),
+    dict(Sq=40, Hq=4, layout="expanded_kv", dout_layout="expanded"),
+    dict(Sq=33, D=128, dout_layout="bhsd"),
     # a peaked softmax, a flat one, logits of magnitude 1e4 (README "Extremes")
     dict(Sq=70, scale=1.5), dict(Sq=40, D=128, scale=0.01, causal=True),
     dict(Sq=70, amplitude=40.0), dict(Sq=33, Sk=129, amplitude=40.0, causal=True, D=128),
@@ -388,9 +398,11 @@ def fallback(i, **kw):
 
 
 FALLBACK = [fallback(i, **kw) for i, kw in enumerate([
-    dict(D=64), dict(D=1, Sq=9), dict(D=3, Dv=5, Sq=33), dict(D=128, Dv=40, Sq=70), dict(D=512, Sq=5),
+    dict(D=64), dict(D=1, Sq=9), dict(D=3, Dv=5, Sq=33), dict(D=128, Dv=40, Sq=70),
+    dict(D=512, Sq=5),
     dict(Sq=1), dict(Sq=129), dict(Sq=1, Sk=129), dict(Sq=129, Sk=17, D=32),
-    dict(Sq=64, causal=True), dict(Sq=70, Sk=33, causal=True), dict(Sq=33, Sk=70, causal=True, align="top_left"),
+    dict(Sq=64, causal=True), dict(Sq=70, Sk=33, causal=True),
+    dict(Sq=33, Sk=70, causal=True, align="top_left"),
     dict(Sq=60, window=(7, 2)), dict(Sq=50, Sk=80, window=(0, None)),
     dict(Hq=4, Hkv=2, Sq=40), dict(Hq=3, Hkv=1, Sq=33, causal=True),
     dict(B=3, Sq=33, key_lengths=(33, 7, 0)),
@@ -398,8 +410,10 @@ FALLBACK = [fallback(i, **kw) for i, kw in enumerate([
     dict(Sq=33, Sk=40, mask=("float", "QK")), dict(B=2, Sq=20, mask=("float", "B1Q1")),
     dict(Sq=40, mask=("float", "HQK"), causal=True),
     dict(Sq=40, dropout=0.25), dict(Sq=33, Sk=50, dropout=0.1, mask=("float", "QK"), window=(9, 9)),
-    dict(Sq=40, layout="bhsd"), dict(Sq=33, layout="packed", D=32), dict(Sq=20, layout="unaligned", D=24),
-    dict(Sq=20, Hq=3, layout="expanded_kv", dout_layout="expanded"), dict(Sq=33, dout_layout="bhsd", scale=2.0),
+    dict(Sq=40, layout="bhsd"), dict(Sq=33, layout="packed", D=32),
+    dict(Sq=20, layout="unaligned", D=24),
+    dict(Sq=20, Hq=3, layout="expanded_kv", dout_layout="expanded"),
+    dict(Sq=33, dout_layout="bhsd", scale=2.0),
 ])]
 
 ALL = FLASH + FALLBACK_16BIT + FALLBACK
@@ -459,7 +473,10 @@ def expected_family(dtype, D, Dv, layout, device):
 
 def random_case(r: random.Random):
     dtype = r.choice([F16, BF16, F16, BF16, F32, F64])
-    sizes = [8, 16, 24, 40, 64, 72, 96, 128, 136, 200, 256] if dtype in (F16, BF16) else [1, 5, 33, 64, 100]
+    if dtype in (F16, BF16):
+        sizes = [8, 16, 24, 40, 64, 72, 96, 128, 136, 200, 256]
+    else:
+        sizes = [1, 5, 33, 64, 100]
     D = r.choice(sizes + [r.randint(1, 300)])
     Dv = D if r.random() < 0.6 else r.choice(sizes)
     Sq = r.choice([1, 2, 15, 16, 17, 31, 33, 64, 65, 100, 129])

@@ -43,17 +43,27 @@ def pack(lo, hi):
 # (g, 2t+8..), (g+8, 2t+8..); B regs: (k = 2t..2t+1, n = g), (k = 2t+8.., n = g);
 # C/D: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
 
+def a_registers(g, t):
+    """(row, col) of the lower element of each of a lane's A registers."""
+    return [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]
+
+
+def c_elements(g, t):
+    """(row, col) of each of a lane's C/D elements."""
+    return [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]
+
+
 def mma_fragments(A, B, C):
     a = torch.empty(32, 4, dtype=torch.int32)
     b = torch.empty(32, 2, dtype=torch.int32)
     c = torch.empty(32, 4, dtype=torch.float32)
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        for r, (row, col) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]):
+        for r, (row, col) in enumerate(a_registers(g, t)):
             a[lane, r] = pack(A[row, col].reshape(1), A[row, col + 1].reshape(1))[0]
         for r, k in enumerate([2 * t, 2 * t + 8]):
             b[lane, r] = pack(B[k, g].reshape(1), B[k + 1, g].reshape(1))[0]
-        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+        for i, (row, col) in enumerate(c_elements(g, t)):
             c[lane, i] = C[row, col]
     return a, b, c
 
@@ -62,7 +72,7 @@ def mma_unpack(d):
     D = torch.empty(16, 8, dtype=torch.float32)
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+        for i, (row, col) in enumerate(c_elements(g, t)):
             D[row, col] = d[lane, i]
     return D
 
@@ -139,12 +149,15 @@ def test_shuffles_and_ballot(simt):
 
 def conversion_inputs():
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(20000, generator=g) * torch.pow(2.0, torch.randint(-30, 20, (20000,), generator=g).float())
-    every_half = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    exponents = torch.randint(-30, 20, (20000,), generator=g).float()
+    x = torch.randn(20000, generator=g) * torch.pow(2.0, exponents)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    every_half = bits.view(torch.float16).float()
     # ties between neighbouring halves and bfloat16s, and the overflow edge
     ties = (every_half[:-1] + every_half[1:]) / 2
-    edges = torch.tensor([65504.0, 65519.99, 65520.0, 1e6, 2.0 ** -24, 2.0 ** -25, 2.0 ** -25 * 1.01,
-                          0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38])
+    edges = torch.tensor([65504.0, 65519.99, 65520.0, 1e6, 2.0 ** -24, 2.0 ** -25,
+                          2.0 ** -25 * 1.01, 0.0, -0.0, float("inf"), float("-inf"),
+                          float("nan"), 3.4e38])
     return torch.cat([x, every_half, ties, edges, -edges])
 
 
@@ -203,10 +216,12 @@ REPORTS = {
     "race_within_warp": (lambda: [], [
         r"shared-memory race", "no __syncwarp or __syncthreads between them",
         f"probe_kernels.cu:{line_of('x[threadIdx.x] = int32_t(threadIdx.x);')}",
-        f"probe_kernels.cu:{line_of('out<int32_t>(p)[threadIdx.x] = x[(threadIdx.x + 1) % 32] + y;')}"]),
+        "probe_kernels.cu:"
+        f"{line_of('out<int32_t>(p)[threadIdx.x] = x[(threadIdx.x + 1) % 32] + y;')}"]),
     "read_before_wait": (lambda: [torch.zeros(512, dtype=torch.uint8)], [
         "while a cp.async of", "in flight", "device_utils.cuh",
-        f"probe_kernels.cu:{line_of('out<unsigned char>(p)[threadIdx.x] = tile[16 * threadIdx.x];')}"]),
+        "probe_kernels.cu:"
+        f"{line_of('out<unsigned char>(p)[threadIdx.x] = tile[16 * threadIdx.x];')}"]),
     "global_out_of_bounds": (lambda: [torch.zeros(32, dtype=torch.int32)], [
         "reads 4 bytes", "past the end of in0",
         f"probe_kernels.cu:{line_of('in<int32_t>(p, 0)[threadIdx.x + 1]')}"]),

@@ -44,7 +44,9 @@ Region bshd_region(const char* name, const BSHD& t, int64_t B, int64_t S, int64_
   Region r{name, static_cast<unsigned char*>(t.ptr), {}, D * esize, esize};
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t s = 0; s < S; ++s) {
-      for (int64_t h = 0; h < H; ++h) r.offsets.push_back((b * t.batch + s * t.row + h * t.head) * esize);
+      for (int64_t h = 0; h < H; ++h) {
+        r.offsets.push_back((b * t.batch + s * t.row + h * t.head) * esize);
+      }
     }
   }
   return r;
@@ -109,7 +111,8 @@ void backward(const AttnBwdParams& p, at::ScalarType t) {
 
 void probs(const AttnParams& p, void* out, bool compute_lse, at::ScalarType t) {
   set_types(t);
-  std::vector<Region> regions = {flat_region("probs", out, p.B * p.Hq * p.Sq * p.Sk, element_size(t))};
+  std::vector<Region> regions = {
+      flat_region("probs", out, p.B * p.Hq * p.Sq * p.Sk, element_size(t))};
   if (compute_lse) regions.push_back(flat_region("lse", p.lse, p.B * p.Hq * p.Sq, acc_size(t)));
   poison(regions);
   g_inner->probs(p, out, compute_lse, t);

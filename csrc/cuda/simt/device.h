@@ -91,7 +91,8 @@ template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  return simt::from_bits<T>(simt::shfl(simt::Shfl::Down, mask, simt::to_bits(v), int(delta), width));
+  return simt::from_bits<T>(
+      simt::shfl(simt::Shfl::Down, mask, simt::to_bits(v), int(delta), width));
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) { return simt::ballot(mask, pred != 0); }
 

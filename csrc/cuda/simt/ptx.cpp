@@ -47,7 +47,9 @@ void cp_async(void* dst, const void* src, int cp_size, int src_size) {
   const uintptr_t pc = uintptr_t(__builtin_return_address(0));
   const uintptr_t d = uintptr_t(dst), s = uintptr_t(src);
   Fiber& f = current();
-  if (cp_size != 4 && cp_size != 8 && cp_size != 16) bad_operand("issues a cp.async with cp-size " + std::to_string(cp_size), pc);
+  if (cp_size != 4 && cp_size != 8 && cp_size != 16) {
+    bad_operand("issues a cp.async with cp-size " + std::to_string(cp_size), pc);
+  }
   if (src_size < 0 || src_size > cp_size) {
     bad_operand("issues a cp.async with src-size " + std::to_string(src_size) + " > cp-size", pc);
   }
@@ -164,7 +166,9 @@ void complete_mma(void* const* ops, unsigned, const uintptr_t*, int) {
 void ldmatrix(uint32_t* regs, int num, bool trans, const void* row_addr) {
   const Quiet quiet;
   const uintptr_t pc = uintptr_t(__builtin_return_address(0));
-  if (num != 1 && num != 2 && num != 4) bad_operand("calls ldmatrix with .num " + std::to_string(num), pc);
+  if (num != 1 && num != 2 && num != 4) {
+    bad_operand("calls ldmatrix with .num " + std::to_string(num), pc);
+  }
   LdmatrixOperands o{static_cast<const unsigned char*>(row_addr), regs, num, trans};
   warp_collective(Collective{Op::Ldmatrix, 0xffffffffu, num * 2 + int(trans), &o}, pc,
                   &complete_ldmatrix);

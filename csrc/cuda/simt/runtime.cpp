@@ -25,16 +25,18 @@
 //    is not inside a single __shared__ array of the running kernel (their
 //    extents are the TLS symbols of this library's ELF symbol table; an
 //    overrun into another array of the same kernel shows as a race or a
-//    wrong answer instead), or one beyond the launch's dynamic shared memory. Every other access must
-//    land on an element of one of the launch's buffers (writes on a
-//    writable one), or be a read of this library's own image (constants).
+//    wrong answer instead), or one beyond the launch's dynamic shared
+//    memory. Every other access must land on an element of one of the
+//    launch's buffers (writes on a writable one), or be a read of this
+//    library's own image (constants).
 //    Accesses of naturally aligned types must sit at a multiple of their size.
 //  - Reports name the threads and the source lines of both accesses
 //    (return addresses resolved with addr2line on this library).
 // Not modelled: blocks run one after another (no concurrency between blocks,
 // no global-memory race detection, atomics in program order); the memory
-// model beyond barrier ordering; speed, occupancy, registers and bank conflicts; the GPU's own rounding of
-// exp/log and of tensor-core sums (see ptx.cpp).
+// model beyond barrier ordering; memcpy/memset calls in kernel code (not
+// instrumented); speed, occupancy, registers and bank conflicts; the GPU's
+// own rounding of exp/log and of tensor-core sums (see ptx.cpp).
 #include "runtime.h"
 
 #include <cxxabi.h>
@@ -679,7 +681,9 @@ void run(const Launch& l) {
   }
   locate_module();
   for (const auto& d : g_dynamic) {
-    if (l.smem > d.second - d.first) throw std::runtime_error("simt: dynamic shared array too small");
+    if (l.smem > d.second - d.first) {
+      throw std::runtime_error("simt: dynamic shared array too small");
+    }
   }
   if (g_shadow.size() < g_tls_hi - g_tls_lo) g_shadow.resize(g_tls_hi - g_tls_lo);
   index_buffers(l.buffers);
@@ -743,8 +747,9 @@ namespace {
   }
   const Warp& w = g_warps[size_t(f.warp)];
   if (w.arrived != 0 && (w.coll.mask >> f.lane & 1u)) {
-    fail(thread_tag(f.tid) + " exits while lanes " + lanes(w.arrived) + " of its warp wait for it at " +
-         op_name(w.coll.op) + " at " + pc_tag(w.first_pc) + " (a partial-warp collective)");
+    fail(thread_tag(f.tid) + " exits while lanes " + lanes(w.arrived) +
+         " of its warp wait for it at " + op_name(w.coll.op) + " at " + pc_tag(w.first_pc) +
+         " (a partial-warp collective)");
   }
   if (g_barrier.arrived > 0) {
     fail(thread_tag(f.tid) + " exits while " + std::to_string(g_barrier.arrived) +
@@ -763,7 +768,8 @@ void syncthreads() {
   const uintptr_t pc = uintptr_t(__builtin_return_address(0));
   Fiber& f = *g_current;
   if (g_exited > 0) {
-    const auto gone = std::find_if(g_fibers.begin(), g_fibers.end(), [](const Fiber& o) { return o.exited; });
+    const auto gone =
+        std::find_if(g_fibers.begin(), g_fibers.end(), [](const Fiber& o) { return o.exited; });
     fail(thread_tag(f.tid) + " reaches __syncthreads at " + pc_tag(pc) + " after " +
          thread_tag(gone->tid) + " exited (a barrier in divergent code)");
   }
@@ -838,7 +844,8 @@ void warp_collective(const Collective& c, uintptr_t pc,
              w.first_pc != pc) {
     fail(thread_tag(f.tid) + " calls " + op_name(c.op) + " at " + pc_tag(pc) +
          " while lanes " + lanes(w.arrived) + " of its warp wait at " + op_name(w.coll.op) +
-         " at " + pc_tag(w.first_pc) + " (divergent warp collectives, or different masks or qualifiers)");
+         " at " + pc_tag(w.first_pc) +
+         " (divergent warp collectives, or different masks or qualifiers)");
   }
   w.operands[f.lane] = c.operands;
   w.pcs[f.lane] = pc;
@@ -1017,7 +1024,8 @@ template <typename T> T atomic_add_impl(T* addr, T v, uintptr_t pc) {
   const Quiet quiet;
   const uintptr_t a = uintptr_t(addr);
   if (a % sizeof(T) != 0) {
-    fail(thread_tag(g_current->tid) + " calls atomicAdd at " + pc_tag(pc) + " on a misaligned address");
+    fail(thread_tag(g_current->tid) + " calls atomicAdd at " + pc_tag(pc) +
+         " on a misaligned address");
   }
   if (is_shared(a)) {
     fail(thread_tag(g_current->tid) + " calls atomicAdd at " + pc_tag(pc) +
