@@ -343,7 +343,9 @@ def main(argv=None) -> int:
         # the module is chosen at import: one subprocess per module
         isas = cpu_isas() if args.isa == "all" else [args.isa]
         argv = sys.argv[1:] if argv is None else list(argv)
-        codes = [subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
+        rest = [a for i, a in enumerate(argv)  # the arguments but --isa
+                if not (a.startswith("--isa") or (i > 0 and argv[i - 1] == "--isa"))]
+        codes = [subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--isa", isa],
                                 env=dict(os.environ, SELFATTN_CPU_ISA=isa)).returncode
                  for isa in isas]
         return max(codes)
