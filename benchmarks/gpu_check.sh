@@ -5,7 +5,8 @@
 #      defaults to it, e.g. 9.0), then print the device and its shared memory;
 #   2. the CUDA_FACTS.md self-tests of the kernels' building blocks
 #      (benchmarks/gpu_selftest.py facts);
-#   3. the CUDA tests (tests/test_cuda.py, tests/test_cuda_build.py);
+#   3. the CUDA tests (tests/test_cuda.py, tests/test_cuda_modifiers.py,
+#      tests/test_cuda_build.py);
 #   4. compute-sanitizer memcheck, racecheck and synccheck on small end-to-end
 #      cases (benchmarks/gpu_selftest.py sanitize), when compute-sanitizer exists;
 #   5. benchmarks/bench_gpu.py against SDPA's backends and FlexAttention.
@@ -51,7 +52,8 @@ print(f"device {p.name}, cc {p.major}.{p.minor}, "
 EOF
 
 step selftest 90 python benchmarks/gpu_selftest.py facts
-step tests 150 python -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py tests/test_cuda_build.py
+step tests 150 python -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py \
+  tests/test_cuda_modifiers.py tests/test_cuda_build.py
 
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -n "$SANITIZER" ]; then

@@ -97,11 +97,12 @@ MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor&
   return view;
 }
 
+// Offsets beyond +-2^62 are refused, so that the kernels' index arithmetic
+// stays far from int64 overflow (normalize_window, params.h).
+constexpr int64_t kMaxDiagOffset = int64_t(1) << 62;
+
 void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& attn_mask,
-                 const std::optional<at::Tensor>& key_lengths,
-                 const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-                 int64_t window_right, bool bottom_right, double dropout_p) {
+                 const OpArgs& a) {
   p.B = q.size(0);
   p.Sq = q.size(1);
   p.Hq = q.size(2);
@@ -113,19 +114,37 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.k = bshd(k);
   p.v = bshd(v);
   p.device = q.is_cuda() ? q.get_device() : -1;
-  TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
-  p.scale = scale;
-  TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
-              window_right, ")");
-  // A side at least Sq + Sk wide bounds nothing: unbounded, so that the
-  // kernels' index arithmetic cannot overflow.
-  p.window_left = window_left > p.Sq + p.Sk ? -1 : window_left;
-  p.window_right = window_right > p.Sq + p.Sk ? -1 : window_right;
-  p.diag_offset = bottom_right ? p.Sk - p.Sq : 0;
-  p.mask = mask_view(attn_mask, q, p.Sk);
-  if (key_lengths.has_value()) {
-    const at::Tensor& kl = *key_lengths;
+  TORCH_CHECK(std::isfinite(a.scale), "selfattn: scale must be finite, got ", a.scale);
+  p.scale = a.scale;
+  TORCH_CHECK(a.window_left >= -1 && a.window_right >= -1,
+              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", a.window_left,
+              ", ", a.window_right, ")");
+  TORCH_CHECK(a.diag_offset >= -kMaxDiagOffset && a.diag_offset <= kMaxDiagOffset,
+              "selfattn: diag_offset must lie in [-2^62, 2^62], got ", a.diag_offset);
+  p.diag_offset = a.diag_offset;
+  p.window_left = a.window_left;
+  p.window_right = a.window_right;
+  normalize_window(p);
+  TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0.0,
+              "selfattn: softcap must be finite and >= 0 (0 = off), got ", a.softcap);
+  p.softcap = a.softcap;
+  if (a.alibi_slopes.has_value()) {
+    const at::Tensor& s = *a.alibi_slopes;
+    TORCH_CHECK(s.scalar_type() == at::kFloat, "selfattn: alibi_slopes must be float32, got ",
+                s.scalar_type());
+    TORCH_CHECK((s.dim() == 1 && s.size(0) == p.Hq) ||
+                    (s.dim() == 2 && s.size(0) == p.B && s.size(1) == p.Hq),
+                "selfattn: alibi_slopes must have shape (Hq,) = (", p.Hq, ",) or (B, Hq) = (",
+                p.B, ", ", p.Hq, "), got ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), "selfattn: alibi_slopes must be on q's device ",
+                q.device(), ", got ", s.device());
+    TORCH_CHECK(s.is_contiguous(), "selfattn: alibi_slopes must be contiguous");
+    p.alibi_slopes = s.data_ptr<float>();
+    p.alibi_batch = s.dim() == 2 ? p.Hq : 0;
+  }
+  p.mask = mask_view(a.attn_mask, q, p.Sk);
+  if (a.key_lengths.has_value()) {
+    const at::Tensor& kl = *a.key_lengths;
     TORCH_CHECK(kl.scalar_type() == at::kLong, "selfattn: key_lengths must be int64, got ",
                 kl.scalar_type());
     TORCH_CHECK(kl.dim() == 1 && kl.size(0) == p.B, "selfattn: key_lengths must have shape (",
@@ -139,19 +158,23 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
     }
     p.key_lengths = kl.data_ptr<int64_t>();
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "selfattn: dropout_p must be in [0, 1), got ",
-              dropout_p);
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(rng_state.has_value(), "selfattn: dropout_p > 0 needs rng_state");
-    const at::Tensor& r = *rng_state;
+  TORCH_CHECK(a.dropout_p >= 0.0 && a.dropout_p < 1.0,
+              "selfattn: dropout_p must be in [0, 1), got ", a.dropout_p);
+  TORCH_CHECK(a.q_start >= 0 && a.k_start >= 0, "selfattn: q_start and k_start must be >= 0, got ",
+              a.q_start, " and ", a.k_start);
+  p.q_start = a.q_start;
+  p.k_start = a.k_start;
+  if (a.dropout_p > 0.0) {
+    TORCH_CHECK(a.rng_state.has_value(), "selfattn: dropout_p > 0 needs rng_state");
+    const at::Tensor& r = *a.rng_state;
     TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.size(0) == 2 &&
                     r.is_contiguous(),
                 "selfattn: rng_state must be a contiguous int64 tensor of shape (2,)");
     TORCH_CHECK(r.device() == q.device(), "selfattn: rng_state must be on q's device ",
                 q.device(), ", got ", r.device());
     p.rng_state = r.data_ptr<int64_t>();
-    p.dropout_threshold = uint32_t(std::min(dropout_p * 4294967296.0, 4294967295.0));
-    p.dropout_scale = 1.0 / (1.0 - dropout_p);
+    p.dropout_threshold = uint32_t(std::min(a.dropout_p * 4294967296.0, 4294967295.0));
+    p.dropout_scale = 1.0 / (1.0 - a.dropout_p);
   }
 }
 
@@ -161,15 +184,12 @@ bool empty_problem(const AttnParams& p) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> forward_op(
-    const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p) {
+std::tuple<at::Tensor, at::Tensor> forward_op(const Backend& backend, const at::Tensor& q,
+                                              const at::Tensor& k, const at::Tensor& v,
+                                              const OpArgs& a) {
   check_qkv(q, k, v);
   AttnParams p;
-  fill_params(p, q, k, v, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
-              bottom_right, dropout_p);
+  fill_params(p, q, k, v, a);
   auto out = at::empty({p.B, p.Sq, p.Hq, p.Dv}, q.options());
   auto lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (empty_problem(p)) return {out, lse};
@@ -186,10 +206,9 @@ std::tuple<at::Tensor, at::Tensor> forward_op(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p, bool mask_grad) {
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const OpArgs& a,
+    bool mask_grad) {
+  const std::optional<at::Tensor>& attn_mask = a.attn_mask;
   check_qkv(q, k, v);
   check_bshd("dout", dout);
   check_bshd("out", out);
@@ -207,8 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
               "selfattn: lse must be a contiguous ", acc_dtype(q.scalar_type()),
               " tensor of shape (B, Hq, Sq)");
   AttnBwdParams p;
-  fill_params(p, q, k, v, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
-              bottom_right, dropout_p);
+  fill_params(p, q, k, v, a);
   auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
   auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
@@ -249,16 +267,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
 }
 
 at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tensor& k,
-                    const std::optional<at::Tensor>& lse,
-                    const std::optional<at::Tensor>& attn_mask,
-                    const std::optional<at::Tensor>& key_lengths,
-                    const std::optional<at::Tensor>& rng_state, double scale,
-                    int64_t window_left, int64_t window_right, bool bottom_right,
-                    double dropout_p) {
+                    const std::optional<at::Tensor>& lse, const OpArgs& a) {
   check_qkv(q, k, k);
   AttnParams p;
-  fill_params(p, q, k, k, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
-              bottom_right, dropout_p);
+  fill_params(p, q, k, k, a);
   auto probs = at::empty({p.B, p.Hq, p.Sq, p.Sk}, q.options());
   if (probs.numel() == 0) return probs;
   at::Tensor lse_buf;

@@ -20,54 +20,56 @@ struct Backend {
   void (*probs)(const AttnParams& p, void* probs, bool compute_lse, at::ScalarType dtype);
 };
 
-std::tuple<at::Tensor, at::Tensor> forward_op(
-    const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p);
+// The arguments the three ops share after their tensors, in schema order
+// (csrc/ops.cpp).
+struct OpArgs {
+  const std::optional<at::Tensor>& attn_mask;
+  const std::optional<at::Tensor>& key_lengths;
+  const std::optional<at::Tensor>& rng_state;
+  double scale;
+  int64_t window_left, window_right, diag_offset;
+  double dropout_p;
+  const std::optional<at::Tensor>& alibi_slopes;
+  double softcap;
+  int64_t q_start, k_start;
+};
+
+std::tuple<at::Tensor, at::Tensor> forward_op(const Backend& backend, const at::Tensor& q,
+                                              const at::Tensor& k, const at::Tensor& v,
+                                              const OpArgs& a);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p, bool mask_grad);
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const OpArgs& a,
+    bool mask_grad);
 
 at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tensor& k,
-                    const std::optional<at::Tensor>& lse,
-                    const std::optional<at::Tensor>& attn_mask,
-                    const std::optional<at::Tensor>& key_lengths,
-                    const std::optional<at::Tensor>& rng_state, double scale,
-                    int64_t window_left, int64_t window_right, bool bottom_right,
-                    double dropout_p);
+                    const std::optional<at::Tensor>& lse, const OpArgs& a);
 
 // Registers the three ops of `backend` for a dispatch key (used by the
 // TORCH_LIBRARY_IMPL blocks of the CPU and CUDA files).
-#define SELFATTN_REGISTER_BACKEND(m, backend)                                                   \
-  m.impl("attention_forward",                                                                 \
-         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                    \
-            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kl,       \
-            const std::optional<at::Tensor>& rng, double scale, int64_t wl, int64_t wr,       \
-            bool br, double p) {                                                              \
-           return ::selfattn::forward_op(backend, q, k, v, mask, kl, rng, scale, wl, wr, br,  \
-                                         p);                                                  \
+#define SELFATTN_OP_ARGS                                                                       \
+  const std::optional<at::Tensor>&mask, const std::optional<at::Tensor>&kl,                    \
+      const std::optional<at::Tensor>&rng, double scale, int64_t wl, int64_t wr, int64_t off, \
+      double p, const std::optional<at::Tensor>&slopes, double softcap, int64_t q0, int64_t k0
+#define SELFATTN_OP_ARGS_STRUCT \
+  ::selfattn::OpArgs { mask, kl, rng, scale, wl, wr, off, p, slopes, softcap, q0, k0 }
+
+#define SELFATTN_REGISTER_BACKEND(m, backend)                                                 \
+  m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k,                   \
+                                 const at::Tensor& v, SELFATTN_OP_ARGS) {                    \
+    return ::selfattn::forward_op(backend, q, k, v, SELFATTN_OP_ARGS_STRUCT);               \
+  });                                                                                         \
+  m.impl("attention_backward",                                                               \
+         [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,                \
+            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,               \
+            SELFATTN_OP_ARGS, bool mask_grad) {                                               \
+           return ::selfattn::backward_op(backend, dout, q, k, v, out, lse,                  \
+                                          SELFATTN_OP_ARGS_STRUCT, mask_grad);               \
          });                                                                                  \
-  m.impl("attention_backward",                                                                \
-         [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,                 \
-            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,                \
-            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kl,       \
-            const std::optional<at::Tensor>& rng, double scale, int64_t wl, int64_t wr,       \
-            bool br, double p, bool mask_grad) {                                              \
-           return ::selfattn::backward_op(backend, dout, q, k, v, out, lse, mask, kl, rng,    \
-                                          scale, wl, wr, br, p, mask_grad);                   \
-         });                                                                                  \
-  m.impl("attention_probs",                                                                   \
-         [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse,   \
-            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kl,       \
-            const std::optional<at::Tensor>& rng, double scale, int64_t wl, int64_t wr,       \
-            bool br, double p) {                                                              \
-           return ::selfattn::probs_op(backend, q, k, lse, mask, kl, rng, scale, wl, wr, br,  \
-                                       p);                                                    \
-         })
+  m.impl("attention_probs", [](const at::Tensor& q, const at::Tensor& k,                     \
+                               const std::optional<at::Tensor>& lse, SELFATTN_OP_ARGS) {     \
+    return ::selfattn::probs_op(backend, q, k, lse, SELFATTN_OP_ARGS_STRUCT);               \
+  })
 
 }  // namespace selfattn

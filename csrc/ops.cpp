@@ -3,7 +3,15 @@
 // the autograd formula (selfattn/ops.py).
 //
 // Layout: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), any strides
-// with the last dim contiguous. Visibility window: -1 = unbounded side.
+// with the last dim contiguous. Key j is visible to query i when
+// i + diag_offset - window_left <= j <= i + diag_offset + window_right (-1 =
+// unbounded side); diag_offset is Sk - Sq for bottom-right alignment, 0 for
+// top-left. The scaled score s becomes softcap * tanh(s / softcap) (softcap
+// 0 = off), then gets the ALiBi bias -slope * |i + diag_offset - j|
+// (alibi_slopes float32 (Hq,) or (B, Hq)), then attn_mask. q_start and
+// k_start place q's and k's row 0 in a larger sequence for dropout: element
+// (b, h, i, j) draws as (b, h, q_start + i, k_start + j). The modifiers and
+// starts have defaults (off, 0) in the forward and probabilities ops.
 #include <torch/library.h>
 
 TORCH_LIBRARY(selfattn, m) {
@@ -11,18 +19,21 @@ TORCH_LIBRARY(selfattn, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
       "Tensor? key_lengths, Tensor? rng_state, float scale, int window_left, "
-      "int window_right, bool bottom_right, float dropout_p) -> (Tensor, Tensor)");
+      "int window_right, int diag_offset, float dropout_p, Tensor? alibi_slopes=None, "
+      "float softcap=0.0, int q_start=0, int k_start=0) -> (Tensor out, Tensor lse)");
   // -> dq, dk, dv (shapes of q, k, v) and the attn_mask gradient (mask's shape,
   // or an empty tensor when mask_grad is False)
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? attn_mask, Tensor? key_lengths, Tensor? rng_state, "
-      "float scale, int window_left, int window_right, bool bottom_right, "
-      "float dropout_p, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale, int window_left, int window_right, int diag_offset, "
+      "float dropout_p, Tensor? alibi_slopes, float softcap, int q_start, int k_start, "
+      "bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // -> probabilities (B, Hq, Sq, Sk) in q's dtype, after dropout when
   // dropout_p > 0; lse is recomputed when not given.
   m.def(
       "attention_probs(Tensor q, Tensor k, Tensor? lse, Tensor? attn_mask, "
       "Tensor? key_lengths, Tensor? rng_state, float scale, int window_left, "
-      "int window_right, bool bottom_right, float dropout_p) -> Tensor");
+      "int window_right, int diag_offset, float dropout_p, Tensor? alibi_slopes=None, "
+      "float softcap=0.0, int q_start=0, int k_start=0) -> Tensor");
 }

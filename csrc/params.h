@@ -1,5 +1,6 @@
 // Plain parameter structs between ATen and the kernels: pointers, sizes,
-// strides (in elements), scale, visibility window, mask and dropout settings.
+// strides (in elements), scale, visibility window, score modifiers (soft-cap,
+// ALiBi), mask and dropout settings.
 // Kernels (CPU and CUDA) never see at::Tensor; ops.cpp-side code fills these.
 // Naming: B batch, Sq/Sk query/key length, Hq/Hkv query/key-value heads,
 // D head dim of q and k, Dv head dim of v and out.
@@ -39,7 +40,17 @@ struct AttnParams {
   //   i + diag_offset - window_left <= j <= i + diag_offset + window_right,
   // a negative window side meaning unbounded (causal sets window_right = 0).
   int64_t window_left = -1, window_right = -1;
-  int64_t diag_offset = 0;  // Sk - Sq (bottom-right alignment) or 0 (top-left)
+  // Sk - Sq for bottom-right alignment, 0 for top-left, or the offset of a
+  // block of a larger attention; |diag_offset| <= 2^62 (attention.cpp checks).
+  int64_t diag_offset = 0;
+  // Score modifiers, applied to the scaled score s of query i and key j in
+  // this order, before the attn_mask and the visibility: soft-capping
+  // s -> softcap * tanh(s / softcap) (0 = off), then the ALiBi bias
+  // -slope * |i + diag_offset - j| with slope = alibi_slopes[b * alibi_batch + h]
+  // (float32, contiguous (Hq,) or (B, Hq); null = off).
+  double softcap = 0.0;
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch = 0;  // Hq for (B, Hq) slopes, 0 for (Hq,)
   const int64_t* key_lengths = nullptr;  // (B,): keys j >= key_lengths[b] are padding
   MaskView mask;
   // Dropout on the probabilities: element kept when its Philox draw is
@@ -47,8 +58,21 @@ struct AttnParams {
   uint32_t dropout_threshold = 0;
   double dropout_scale = 1.0;
   const int64_t* rng_state = nullptr;  // (seed, offset), on the device of q
+  // Positions of q's row 0 and k's row 0 in a larger sequence, for dropout
+  // only: element (b, h, i, j) draws as element (b, h, q_start + i, k_start + j).
+  int64_t q_start = 0, k_start = 0;
   int device = -1;  // CUDA device index of the tensors, -1 on CPU
 };
+
+// A window side that bounds nothing for any query i in [0, Sq) and key j in
+// [0, Sk) at this diag_offset becomes unbounded (-1): the same visibility,
+// and the kernels' index arithmetic (i + diag_offset +- window, j -
+// diag_offset +- window) then stays within Sq + Sk + |diag_offset|, far from
+// int64 overflow for |diag_offset| <= 2^62 and windows up to 2^63 - 1.
+inline void normalize_window(AttnParams& p) {
+  if (p.window_left >= p.Sq + p.diag_offset) p.window_left = -1;  // j >= i + off - left: always
+  if (p.window_right >= p.Sk - p.diag_offset) p.window_right = -1;  // j <= i + off + right: always
+}
 
 struct AttnBwdParams : AttnParams {
   BSHD dout, dq, dk, dv;

@@ -1,8 +1,10 @@
 // Counter-based dropout bits shared by the CPU and CUDA kernels.
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
 // The bit for probability element (b, h, i, j) depends only on the seed,
-// offset and those indices, never on tiling or loop order, so the backward
-// regenerates the forward's mask and the CPU and CUDA kernels agree bit for bit.
+// offset and those indices (i and j counted in the whole sequence when the
+// call is a block of a larger attention), never on tiling or loop order, so
+// the backward regenerates the forward's mask and the CPU and CUDA kernels
+// agree bit for bit.
 #pragma once
 #include <cstdint>
 
@@ -35,13 +37,22 @@ SELFATTN_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// Four consecutive keys j0..j0+3 (j0 a multiple of 4) of row i of head bh = b * Hq + h.
-// seed and offset are the two int64 values of the rng_state tensor.
-SELFATTN_HD Philox4 dropout_bits(uint64_t seed, uint64_t offset, int64_t bh, int64_t i,
-                                 int64_t j0) {
-  return philox4x32_10(uint32_t(j0 >> 2), uint32_t(i), uint32_t(bh),
+// The four draws of the group of keys 4 * (j / 4) .. 4 * (j / 4) + 3 of row i
+// of head bh = b * Hq + h; key j takes draw j % 4. i and j are positions in
+// the whole sequence (q_start + row, k_start + key: dropout_position), so a
+// block of a larger attention draws the whole's bits. seed and offset are the
+// two int64 values of the rng_state tensor.
+SELFATTN_HD Philox4 dropout_bits(uint64_t seed, uint64_t offset, int64_t bh, uint64_t i,
+                                 uint64_t j) {
+  return philox4x32_10(uint32_t(j >> 2), uint32_t(i), uint32_t(bh),
                        uint32_t(offset) ^ uint32_t(offset >> 32),
                        uint32_t(seed), uint32_t(seed >> 32));
+}
+
+// Position of row or key `x` of a block starting at `start` of the whole
+// sequence (unsigned: wraps instead of overflowing).
+SELFATTN_HD uint64_t dropout_position(int64_t start, int64_t x) {
+  return uint64_t(start) + uint64_t(x);
 }
 
 }  // namespace selfattn

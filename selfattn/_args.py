@@ -31,12 +31,13 @@ class AttnArgs:
     scale: float
     window_left: int  # -1 = unbounded
     window_right: int  # -1 = unbounded; causal makes it 0
-    bottom_right: bool
     diag_offset: int  # Sk - Sq for bottom-right alignment, else 0
     attn_mask: Optional[torch.Tensor]  # bool, or float in q's dtype
     key_lengths: Optional[torch.Tensor]  # int64 (B,)
     dropout_p: float
     lse_dtype: torch.dtype  # float32, or float64 for float64 inputs
+    alibi_slopes: Optional[torch.Tensor] = None  # contiguous float32 (Hq,) or (B, Hq)
+    softcap: float = 0.0  # 0 = off
 
 
 def _tensor(fn, name, t):
@@ -127,8 +128,34 @@ def check_qkv(fn, q, k, v, names=("q", "k", "v")):
     return B, Sq, Sk, Hq, Hkv, D, Dv
 
 
+def _softcap(fn, softcap):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise ArgumentTypeError(f"{fn}: softcap must be a float (0.0 = off), got {softcap!r}")
+    if not (_finite(softcap) and softcap >= 0):
+        raise ArgumentError(f"{fn}: softcap must be finite and >= 0 (0.0 = off), got {softcap}")
+    return float(softcap)
+
+
+def _alibi_slopes(fn, slopes, B, Hq, device, q_name):
+    if slopes is None:
+        return None
+    _tensor(fn, "alibi_slopes", slopes)
+    if slopes.dtype != torch.float32:
+        raise ArgumentTypeError(f"{fn}: alibi_slopes must be float32, got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ArgumentError(f"{fn}: alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = "
+                            f"({B}, {Hq}), got {tuple(slopes.shape)}")
+    if slopes.device != device:
+        raise ArgumentError(f"{fn}: alibi_slopes is on {slopes.device}, but {q_name} is on {device}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise ArgumentError(f"{fn}: alibi_slopes requires grad, but the slopes get no gradient; "
+                            "pass alibi_slopes.detach()")
+    return slopes.contiguous()
+
+
 def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
-                   key_lengths, dropout_p, names=("q", "k", "v")) -> AttnArgs:
+                   key_lengths, dropout_p, names=("q", "k", "v"), alibi_slopes=None,
+                   softcap=0.0) -> AttnArgs:
     """Checks and normalises `attention`'s arguments; `names` are q, k and v's
     names in the caller's error messages. A CausalBias attn_mask stands for
     causal=True with its own alignment (it overrides causal_alignment)."""
@@ -190,12 +217,14 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
             raise ArgumentError(
                 f"{fn}: key_lengths is on {key_lengths.device}, but {names[0]} is on {q.device}")
         key_lengths = key_lengths.to(torch.int64).contiguous()
-    bottom_right = causal_alignment == "bottom_right"
+    softcap = _softcap(fn, softcap)
+    alibi_slopes = _alibi_slopes(fn, alibi_slopes, B, Hq, q.device, names[0])
     return AttnArgs(
-        scale=float(scale), window_left=left, window_right=right, bottom_right=bottom_right,
-        diag_offset=Sk - Sq if bottom_right else 0, attn_mask=attn_mask,
+        scale=float(scale), window_left=left, window_right=right,
+        diag_offset=Sk - Sq if causal_alignment == "bottom_right" else 0, attn_mask=attn_mask,
         key_lengths=key_lengths, dropout_p=float(dropout_p),
-        lse_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        lse_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+        alibi_slopes=alibi_slopes, softcap=softcap)
 
 
 def sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p, is_causal, scale,

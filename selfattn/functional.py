@@ -48,18 +48,22 @@ def rng_state(dropout_p: float, device: torch.device,
 
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                   key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
-                  window_left: int, window_right: int, bottom_right: bool,
-                  dropout_p: float) -> Tuple[Tensor, Tensor]:
-    """The forward op on checked arguments: (out, lse)."""
+                  window_left: int, window_right: int, diag_offset: int, dropout_p: float,
+                  alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                  q_start: int = 0, k_start: int = 0) -> Tuple[Tensor, Tensor]:
+    """The forward op on checked arguments: (out, lse). diag_offset is Sk - Sq
+    for bottom-right alignment, 0 for top-left (AttnArgs.diag_offset)."""
     return torch.ops.selfattn.attention_forward(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), attn_mask,
-        key_lengths, rng, scale, window_left, window_right, bottom_right, dropout_p)
+        key_lengths, rng, scale, window_left, window_right, diag_offset, dropout_p,
+        alibi_slopes, softcap, q_start, k_start)
 
 
 def fused_probs(q: Tensor, k: Tensor, lse: Optional[Tensor], attn_mask: Optional[Tensor],
                 key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
-                window_left: int, window_right: int, bottom_right: bool,
-                dropout_p: float) -> Tensor:
+                window_left: int, window_right: int, diag_offset: int, dropout_p: float,
+                alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                q_start: int = 0, k_start: int = 0) -> Tensor:
     """The probabilities op on checked arguments (no gradient)."""
     if attn_mask is not None:
         attn_mask = attn_mask.detach()
@@ -67,7 +71,8 @@ def fused_probs(q: Tensor, k: Tensor, lse: Optional[Tensor], attn_mask: Optional
         lse = lse.detach().contiguous()
     return torch.ops.selfattn.attention_probs(
         _last_dim_contiguous(q.detach()), _last_dim_contiguous(k.detach()), lse, attn_mask,
-        key_lengths, rng, scale, window_left, window_right, bottom_right, dropout_p)
+        key_lengths, rng, scale, window_left, window_right, diag_offset, dropout_p,
+        alibi_slopes, softcap, q_start, k_start)
 
 
 def math_only() -> bool:
@@ -94,19 +99,19 @@ def _autocast(*tensors):
 
 
 def _attention(fn, names, q, k, v, causal, causal_alignment, window, scale, attn_mask,
-               key_lengths, dropout_p, generator):
+               key_lengths, dropout_p, generator, alibi_slopes=None, softcap=0.0):
     """`attention` for the public functions: errors name `fn` and q, k, v as `names`."""
     q, k, v, attn_mask = _autocast(q, k, v, attn_mask)
     a = attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
-                       key_lengths, dropout_p, names)
+                       key_lengths, dropout_p, names, alibi_slopes, softcap)
     rng = rng_state(a.dropout_p, q.device, generator)
     return fused_forward(q, k, v, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
-                         a.window_right, a.bottom_right, a.dropout_p)
+                         a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes, a.softcap)
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
               scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0, generator=None,
-              return_lse=False):
+              return_lse=False, alibi_slopes=None, softcap=0.0):
     """Fused multi-head attention.
 
     Args:
@@ -131,13 +136,19 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
             torch's default generator); the backward regenerates the same mask.
         return_lse: also return the logsumexp (B, Hq, Sq), float32 (float64
             for float64 inputs), -inf for rows that see no key.
+        alibi_slopes: float32 (Hq,) or (B, Hq) ALiBi slopes: the bias
+            -slope * |i + offset - j| is added to the scaled score of query i
+            and key j (offset as for the causal alignment). No gradient.
+        softcap: logit soft-capping: the scaled score s becomes
+            softcap * tanh(s / softcap) before the ALiBi bias and attn_mask are
+            added (FlashAttention's order); 0.0 = off.
 
     Returns:
         out (B, Sq, Hq, Dv) in q's dtype; rows that see no key are 0.
     """
     out, lse = _attention("selfattn.attention", ("q", "k", "v"), q, k, v, causal,
                           causal_alignment, window, scale, attn_mask, key_lengths, dropout_p,
-                          generator)
+                          generator, alibi_slopes, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -169,9 +180,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", window=None,
                       scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0,
-                      generator=None, lse=None):
+                      generator=None, lse=None, alibi_slopes=None, softcap=0.0):
     """Attention probabilities (B, Hq, Sq, Sk) for q (B, Sq, Hq, D) and
-    k (B, Sk, Hkv, D), with the masking arguments of `attention`.
+    k (B, Sk, Hkv, D), with the masking and score arguments of `attention`
+    (alibi_slopes, softcap included).
 
     Computed by their own op from the logsumexp: pass `lse` from
     `attention(..., return_lse=True)` to reuse it, else it is recomputed. With
@@ -182,7 +194,8 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
     """
     q, k, attn_mask = _autocast(q, k, attn_mask)
     a = attention_args("selfattn.attention_weights", q, k, k, causal, causal_alignment, window,
-                       scale, attn_mask, key_lengths, dropout_p)
+                       scale, attn_mask, key_lengths, dropout_p, alibi_slopes=alibi_slopes,
+                       softcap=softcap)
     if lse is not None:
         expected = (q.shape[0], q.shape[2], q.shape[1])
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected \
@@ -191,4 +204,4 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
                                 f"of shape (B, Hq, Sq) = {expected}")
     rng = rng_state(a.dropout_p, q.device, generator)
     return fused_probs(q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
-                       a.window_right, a.bottom_right, a.dropout_p)
+                       a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes, a.softcap)

@@ -278,11 +278,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             rng = rng_state(dropout_p, q.device)
             scale = default_scale(self.head_dim)
             right = 0 if causal else -1  # causal: top-left, as torch's is_causal
-            out, lse = fused_forward(q, k, v, mask, key_lengths, rng, scale, -1, right, False,
+            out, lse = fused_forward(q, k, v, mask, key_lengths, rng, scale, -1, right, 0,
                                      dropout_p)
             if need_weights:
                 weights = fused_probs(q, k, lse, mask, key_lengths, rng, scale, -1, right,
-                                      False, dropout_p)
+                                      0, dropout_p)
         # (N, L, H, D) -> query's layout, one copy, then the output projection.
         if self.batch_first or not batched:
             out = out.flatten(2)

@@ -72,8 +72,10 @@ def _same_device(q, **tensors):
 
 @torch.library.register_fake("selfattn::attention_forward")
 def _forward_fake(q, k, v, attn_mask, key_lengths, rng_state, scale, window_left,
-                  window_right, bottom_right, dropout_p):
-    _same_device(q, k=k, v=v, attn_mask=attn_mask, key_lengths=key_lengths, rng_state=rng_state)
+                  window_right, diag_offset, dropout_p, alibi_slopes=None, softcap=0.0,
+                  q_start=0, k_start=0):
+    _same_device(q, k=k, v=v, attn_mask=attn_mask, key_lengths=key_lengths, rng_state=rng_state,
+                 alibi_slopes=alibi_slopes)
     B, Sq, Hq, _ = q.shape
     out = q.new_empty((B, Sq, Hq, v.shape[3]))
     lse = q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q))
@@ -82,9 +84,10 @@ def _forward_fake(q, k, v, attn_mask, key_lengths, rng_state, scale, window_left
 
 @torch.library.register_fake("selfattn::attention_backward")
 def _backward_fake(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state, scale,
-                   window_left, window_right, bottom_right, dropout_p, mask_grad):
+                   window_left, window_right, diag_offset, dropout_p, alibi_slopes, softcap,
+                   q_start, k_start, mask_grad):
     _same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, attn_mask=attn_mask,
-                 key_lengths=key_lengths, rng_state=rng_state)
+                 key_lengths=key_lengths, rng_state=rng_state, alibi_slopes=alibi_slopes)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -97,31 +100,34 @@ def _backward_fake(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state, s
 
 @torch.library.register_fake("selfattn::attention_probs")
 def _probs_fake(q, k, lse, attn_mask, key_lengths, rng_state, scale, window_left,
-                window_right, bottom_right, dropout_p):
+                window_right, diag_offset, dropout_p, alibi_slopes=None, softcap=0.0,
+                q_start=0, k_start=0):
     _same_device(q, k=k, lse=lse, attn_mask=attn_mask, key_lengths=key_lengths,
-                 rng_state=rng_state)
+                 rng_state=rng_state, alibi_slopes=alibi_slopes)
     B, Sq, Hq, _ = q.shape
     return q.new_empty((B, Hq, Sq, k.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, key_lengths, rng_state, *scalars = inputs
+    (q, k, v, attn_mask, key_lengths, rng_state, scale, window_left, window_right, diag_offset,
+     dropout_p, alibi_slopes, softcap, q_start, k_start) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state)
-    ctx.scalars = scalars  # scale, window_left, window_right, bottom_right, dropout_p
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state, alibi_slopes)
+    ctx.scalars = (scale, window_left, window_right, diag_offset, dropout_p)
+    ctx.modifiers = (softcap, q_start, k_start)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop second-order terms
         raise RuntimeError("selfattn.attention: double backward (create_graph=True) is not supported")
-    q, k, v, out, lse, attn_mask, key_lengths, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, key_lengths, rng_state, alibi_slopes = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv, dmask = backward_op(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state,
-                                    *ctx.scalars, mask_grad)
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 7
+                                    *ctx.scalars, alibi_slopes, *ctx.modifiers, mask_grad)
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 11
 
 
 torch.library.register_autograd("selfattn::attention_forward", _backward,

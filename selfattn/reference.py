@@ -2,8 +2,9 @@
 
 Same signatures and semantics as `selfattn.attention`,
 `selfattn.scaled_dot_product_attention` and `selfattn.attention_weights`
-(DESIGN.md section 2), computed the direct way: the full (B, Hq, Sq, Sk) score
-matrix, a softmax, a matmul. Run it in float64 for golden values.
+(DESIGN.md sections 2 and 7), computed the direct way: the full
+(B, Hq, Sq, Sk) score matrix, soft-capped and with the dense ALiBi bias
+written out, a softmax, a matmul. Run it in float64 for golden values.
 
 Beyond the fused functions it accepts `dropout_mask`, a bool (B, Hq, Sq, Sk)
 tensor of kept elements, so a test can feed it the mask the fused kernel drew.
@@ -15,7 +16,8 @@ import torch
 
 from ._args import attention_args, sdpa_to_attention
 
-__all__ = ["attention", "scaled_dot_product_attention", "attention_weights", "visibility"]
+__all__ = ["attention", "scaled_dot_product_attention", "attention_weights", "visibility",
+           "alibi_bias"]
 
 
 def visibility(Sq, Sk, window_left, window_right, diag_offset, device=None):
@@ -30,13 +32,27 @@ def visibility(Sq, Sk, window_left, window_right, diag_offset, device=None):
     return visible
 
 
+def alibi_bias(slopes, Sq, Sk, diag_offset, dtype):
+    """Dense ALiBi bias -slope * |i + diag_offset - j|: (Hq, Sq, Sk) for (Hq,)
+    slopes, (B, Hq, Sq, Sk) for (B, Hq), in `dtype`."""
+    i = torch.arange(Sq, device=slopes.device).view(-1, 1) + diag_offset
+    j = torch.arange(Sk, device=slopes.device).view(1, -1)
+    distance = (i - j).abs().to(dtype)
+    return -slopes.to(dtype)[..., None, None] * distance
+
+
 def _probs(q, k, a, dropout_mask, generator, with_lse=False):
-    """Probabilities (B, Hq, Sq, Sk) after masking and dropout, and lse (B, Hq, Sq)."""
+    """Probabilities (B, Hq, Sq, Sk) after soft-capping, ALiBi, masking and
+    dropout, and lse (B, Hq, Sq)."""
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     qh = q.transpose(1, 2)
     kh = k.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
     scores = (qh @ kh.transpose(-1, -2)) * a.scale
+    if a.softcap > 0:
+        scores = a.softcap * torch.tanh(scores / a.softcap)
+    if a.alibi_slopes is not None:
+        scores = scores + alibi_bias(a.alibi_slopes, Sq, Sk, a.diag_offset, scores.dtype)
     visible = visibility(Sq, Sk, a.window_left, a.window_right, a.diag_offset, q.device)
     visible = visible.expand(B, Hq, Sq, Sk)
     if a.key_lengths is not None:
@@ -62,11 +78,12 @@ def _probs(q, k, a, dropout_mask, generator, with_lse=False):
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
               scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0, generator=None,
-              return_lse=False, dropout_mask=None):
+              return_lse=False, alibi_slopes=None, softcap=0.0, dropout_mask=None):
     """Reference of `selfattn.attention`: q (B, Sq, Hq, D), k (B, Sk, Hkv, D),
     v (B, Sk, Hkv, Dv) -> (B, Sq, Hq, Dv) [, lse (B, Hq, Sq)]."""
     a = attention_args("selfattn.reference.attention", q, k, v, causal, causal_alignment,
-                       window, scale, attn_mask, key_lengths, dropout_p)
+                       window, scale, attn_mask, key_lengths, dropout_p,
+                       alibi_slopes=alibi_slopes, softcap=softcap)
     probs, lse = _probs(q, k, a, dropout_mask, generator, with_lse=True)
     Hq, Hkv = q.shape[2], k.shape[2]
     vh = v.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
@@ -76,10 +93,11 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
 
 def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", window=None,
                       scale=None, attn_mask=None, key_lengths=None, dropout_p=0.0,
-                      generator=None, dropout_mask=None):
+                      generator=None, alibi_slopes=None, softcap=0.0, dropout_mask=None):
     """Reference of `selfattn.attention_weights`: -> (B, Hq, Sq, Sk)."""
     a = attention_args("selfattn.reference.attention_weights", q, k, k, causal,
-                       causal_alignment, window, scale, attn_mask, key_lengths, dropout_p)
+                       causal_alignment, window, scale, attn_mask, key_lengths, dropout_p,
+                       alibi_slopes=alibi_slopes, softcap=softcap)
     return _probs(q, k, a, dropout_mask, generator)
 
 

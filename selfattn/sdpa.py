@@ -103,7 +103,7 @@ class _Handle:
                     scale=scale)
             mask, scale_, right = _op_args(query, attn_mask, is_causal, scale)
             out, lse = ops.forward_op(_bshd(query), _bshd(key), _bshd(value), mask, None, None,
-                                      scale_, -1, right, False, 0.0)
+                                      scale_, -1, right, 0, 0.0, None, 0.0, 0, 0)
             out = out.transpose(1, 2)
             result = torch.empty_like(query)
             if result.stride() == out.stride():
@@ -122,7 +122,8 @@ class _Handle:
             mask, scale_, right = _op_args(query, attn_mask, is_causal, scale)
             dq, dk, dv, _ = ops.backward_op(
                 _bshd(grad_out), _bshd(query), _bshd(key), _bshd(value), _bshd(out),
-                logsumexp.contiguous(), mask, None, None, scale_, -1, right, False, 0.0, False)
+                logsumexp.contiguous(), mask, None, None, scale_, -1, right, 0, 0.0, None, 0.0,
+                0, 0, False)
             return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
         with warnings.catch_warnings():  # torch warns once that a kernel is overridden

@@ -226,8 +226,9 @@ def test_dropout_matches_reference_with_the_drawn_mask(dtype, D):
     k, v = (randn(B, S, Hkv, D, dtype=dtype, requires_grad=True) for _ in range(2))
     rng = _rng().to(DEV)
     scale = D ** -0.5
-    args = (None, None, rng, scale, 40, 0, True, p)  # mask, key_lengths, rng, scale, window
-    probs = ops.probs_op(q.detach(), k.detach(), None, None, None, rng, scale, 40, 0, True, p)
+    # mask, key_lengths, rng, scale, window, diag_offset, p, alibi, softcap, q/k starts
+    args = (None, None, rng, scale, 40, 0, 0, p, None, 0.0, 0, 0)
+    probs = ops.probs_op(q.detach(), k.detach(), None, *args)
     visible = reference.attention_weights(q.detach().double(), k.detach().double(),
                                           window=(40, 0)) > 0
     keep = probs != 0
@@ -257,7 +258,7 @@ def test_dropout_same_seed_same_result():
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT.get)
 def test_dropout_mask_is_bitwise_the_cpu_mask(dtype):
     q, k = randn(2, 130, 4, 32, dtype=dtype), randn(2, 130, 2, 32, dtype=dtype)
-    args = (None, None, None, 32 ** -0.5, -1, -1, True, 0.4)
+    args = (None, None, None, 32 ** -0.5, -1, -1, 0, 0.4, None, 0.0, 0, 0)
 
     def keep(device):
         rng = _rng(99, 12).to(device)
@@ -321,14 +322,15 @@ def test_probs_match_reference(dtype):
 def test_opcheck(dtype):
     q, k, v = (randn(2, 33, 4, 64, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = randn(33, 33, dtype=dtype, requires_grad=True)
-    fwd_args = (q, k, v, mask, None, None, 0.125, -1, 0, True, 0.0)
+    fwd_args = (q, k, v, mask, None, None, 0.125, -1, 0, 0, 0.0, None, 0.0, 0, 0)
     torch.library.opcheck(ops.forward_op, fwd_args)
     out, lse = ops.forward_op(*fwd_args)
     torch.library.opcheck(ops.backward_op, (torch.randn_like(out), q.detach(), k.detach(),
                                             v.detach(), out.detach(), lse, mask.detach(), None,
-                                            None, 0.125, -1, 0, True, 0.0, True))
+                                            None, 0.125, -1, 0, 0, 0.0, None, 0.0, 0, 0,
+                                            True))
     torch.library.opcheck(ops.probs_op, (q.detach(), k.detach(), None, None, None, None, 0.125,
-                                         -1, 0, True, 0.0))
+                                         -1, 0, 0, 0.0, None, 0.0, 0, 0))
 
 
 def test_torch_compile_fullgraph():

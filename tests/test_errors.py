@@ -284,13 +284,15 @@ def test_sdpa_errors(sdpa):
 def _fwd_args(**over):
     q, k, v = good()
     a = dict(q=q, k=k, v=v, attn_mask=None, key_lengths=None, rng_state=None, scale=0.3,
-             window_left=-1, window_right=-1, bottom_right=True, dropout_p=0.0)
+             window_left=-1, window_right=-1, diag_offset=SK - SQ, dropout_p=0.0,
+             alibi_slopes=None, softcap=0.0, q_start=0, k_start=0)
     a.update(over)
     return a
 
 
 FWD_ORDER = ["q", "k", "v", "attn_mask", "key_lengths", "rng_state", "scale", "window_left",
-             "window_right", "bottom_right", "dropout_p"]
+             "window_right", "diag_offset", "dropout_p", "alibi_slopes", "softcap", "q_start",
+             "k_start"]
 
 
 def _call_fwd(a):
@@ -344,23 +346,25 @@ def test_direct_forward_op_errors(over, pattern):
                                            if set(o) != {"v"}])  # probs takes no v
 def test_direct_probs_op_errors(over, pattern):
     a = _fwd_args(**over)
-    _raises(RuntimeError, r"selfattn", ops.probs_op, a["q"], a["k"], None, a["attn_mask"],
-            a["key_lengths"], a["rng_state"], a["scale"], a["window_left"], a["window_right"],
-            a["bottom_right"], a["dropout_p"])
+    _raises(RuntimeError, r"selfattn", ops.probs_op, a["q"], a["k"], None,
+            *[a[n] for n in FWD_ORDER[3:]])
 
 
 def _bwd_args(mask=None, **over):
     q, k, v = good()
-    out, lse = ops.forward_op(q, k, v, mask, None, None, 0.3, -1, -1, True, 0.0)
+    out, lse = ops.forward_op(q, k, v, mask, None, None, 0.3, -1, -1, SK - SQ, 0.0, None, 0.0,
+                              0, 0)
     a = dict(dout=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse, attn_mask=mask,
              key_lengths=None, rng_state=None, scale=0.3, window_left=-1, window_right=-1,
-             bottom_right=True, dropout_p=0.0, mask_grad=False)
+             diag_offset=SK - SQ, dropout_p=0.0, alibi_slopes=None, softcap=0.0, q_start=0,
+             k_start=0, mask_grad=False)
     a.update(over)
     return a
 
 
 BWD_ORDER = ["dout", "q", "k", "v", "out", "lse", "attn_mask", "key_lengths", "rng_state",
-             "scale", "window_left", "window_right", "bottom_right", "dropout_p", "mask_grad"]
+             "scale", "window_left", "window_right", "diag_offset", "dropout_p", "alibi_slopes",
+             "softcap", "q_start", "k_start", "mask_grad"]
 
 BWD_BAD = [
     ("dout_shape", dict(dout=t(B, SQ, HQ, D + 1)), r"dout and out must have shape"),
@@ -390,7 +394,7 @@ def test_direct_backward_op_errors(over, pattern):
 
 def test_direct_probs_op_bad_lse():
     q, k, _ = good()
-    base = (None, None, None, 0.3, -1, -1, True, 0.0)
+    base = (None, None, None, 0.3, -1, -1, SK - SQ, 0.0, None, 0.0, 0, 0)
     for lse in (t(B, HQ, SQ + 1), t(B, HQ, SQ, dtype=torch.float64), t(B, SQ, HQ).transpose(1, 2)):
         _raises(RuntimeError, r"lse must be a contiguous", ops.probs_op, q, k, lse, *base)
 

@@ -171,6 +171,10 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
             "align": ["bottom-right", "TOP_LEFT", None, 0, b"top_left", ""],
             "generator": ["gen", 5, object()],
             "enable_gqa": [1, "no", None],
+            "softcap": [-1.0, float("nan"), float("inf"), "c", True, None, 1e-30, 1e30, 10**400],
+            "alibi": [torch.ones(5, 7), torch.ones(3, dtype=torch.float64), "slopes", [0.5],
+                      torch.ones(3, device="meta"), torch.ones(1, requires_grad=True),
+                      torch.ones(()), torch.full((3,), float("nan"))],
         }
         return rng.choice(pools[kind])
 
@@ -204,9 +208,13 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
                                                                           "top_left"]),
                   window=rng.choice([None, None, (2, 1), (0, None), (None, 0)]),
                   scale=rng.choice([None, 0.5]), attn_mask=mask,
-                  key_lengths=valid_kl(p) if rng.random() < 0.3 else None, dropout_p=0.0)
+                  key_lengths=valid_kl(p) if rng.random() < 0.3 else None, dropout_p=0.0,
+                  alibi_slopes=rng.choice([None, None, None, torch.rand(p["Hq"], generator=gen),
+                                           torch.rand(p["B"], p["Hq"], generator=gen)]),
+                  softcap=rng.choice([0.0, 0.0, 0.0, 1.0, 30.0]))
         for name, kind in (("causal", "causal"), ("causal_alignment", "align"),
-                           ("window", "window"), ("scale", "scale"), ("dropout_p", "dropout_p")):
+                           ("window", "window"), ("scale", "scale"), ("dropout_p", "dropout_p"),
+                           ("alibi_slopes", "alibi"), ("softcap", "softcap")):
             kw[name], b = maybe(kw[name], lambda kind=kind: hostile_scalar(kind), rate / 2)
             bad |= b
         kw["key_lengths"], b = maybe(kw["key_lengths"], lambda: hostile_kl(p), rate / 2)
@@ -234,8 +242,9 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
         rng_state = torch.tensor([rng.randrange(2**62), rng.randrange(2**62)]) if dropout else None
         vals = dict(q=q, k=k, v=v, attn_mask=mask, key_lengths=kl, rng_state=rng_state,
                     scale=0.5, window_left=rng.choice([-1, 0, 3]),
-                    window_right=rng.choice([-1, 0, 2]), bottom_right=rng.random() < 0.5,
-                    dropout_p=dropout)
+                    window_right=rng.choice([-1, 0, 2]),
+                    diag_offset=rng.choice([0, p["Sk"] - p["Sq"], 5, -3]),
+                    dropout_p=dropout, alibi_slopes=None, softcap=0.0, q_start=0, k_start=0)
         bad = False
         hostile = {
             "attn_mask": lambda: hostile_mask(p), "key_lengths": lambda: hostile_kl(p),
@@ -245,7 +254,15 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
             "scale": lambda: rng.choice([float("nan"), float("inf"), "x", None, 10**400, -1.0]),
             "window_left": lambda: rng.choice([-5, 2**63, 1.5, None, "1", 10**12, -2**63]),
             "window_right": lambda: rng.choice([-2, 2**64, 2.0, None, 10**12]),
-            "bottom_right": lambda: rng.choice([2, "yes", None, 1.0]),
+            "diag_offset": lambda: rng.choice([2**62, -2**62, 2**62 + 1, -2**63, 2**63, "yes",
+                                               None, 1.0]),
+            "alibi_slopes": lambda: rng.choice([torch.ones(p["Hq"], dtype=torch.float64),
+                                                torch.ones(p["Hq"] + 1), torch.ones(3, 3),
+                                                torch.ones(2 * p["Hq"])[::2], torch.ones(()),
+                                                torch.ones(p["Hq"], device="meta"), "s"]),
+            "softcap": lambda: rng.choice([-1.0, float("inf"), float("nan"), "c", None, 1e-30]),
+            "q_start": lambda: rng.choice([-1, 2**63, 2**63 - 1, 1.5, None]),
+            "k_start": lambda: rng.choice([-7, 2**64, 2**63 - 1, "0"]),
             "dropout_p": lambda: rng.choice([1.0, -0.5, float("nan"), "p", 0.7, None]),
         }
         for name in list(vals):
@@ -255,7 +272,8 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
                 vals[name], b = maybe(vals[name], hostile[name], rate / 2)
             bad |= b
         order = ["q", "k", "v", "attn_mask", "key_lengths", "rng_state", "scale", "window_left",
-                 "window_right", "bottom_right", "dropout_p"]
+                 "window_right", "diag_offset", "dropout_p", "alibi_slopes", "softcap",
+                 "q_start", "k_start"]
         if target == "op_forward":
             return "op_forward", [vals[n] for n in order], bad
         if target == "op_probs":
@@ -268,7 +286,8 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
             return "op_probs", [vals["q"], vals["k"], lse] + [vals[n] for n in order[3:]], bad
         # backward: outputs of a valid forward, then hostile replacements
         q0, k0, v0 = valid_qkv(p)
-        out, lse = ops.forward_op(q0, k0, v0, None, None, None, 0.5, -1, -1, True, 0.0)
+        out, lse = ops.forward_op(q0, k0, v0, None, None, None, 0.5, -1, -1, 0, 0.0, None, 0.0,
+                                  0, 0)
         dout = torch.randn_like(out)
         bwd = dict(dout=dout, q=q0, k=k0, v=v0, out=out, lse=lse)
         for name in list(bwd):
@@ -300,8 +319,9 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
             kw_ref = {n: x for n, x in kw.items() if n not in ("generator", "lse", "return_lse")}
             try:
                 ref = ref_fn(*tensors, **kw_ref)
-                ref64 = ref_fn(*[to64(t) for t in tensors],
-                               **{n: to64(x) for n, x in kw_ref.items()})
+                ref64 = ref_fn(*[to64(t) for t in tensors],  # the slopes are float32 always
+                               **{n: x if n == "alibi_slopes" else to64(x)
+                                  for n, x in kw_ref.items()})
             except Exception as e:  # fused accepted what the reference refuses
                 return f"reference refused ({type(e).__name__}: {e}) what fused accepted"
             if out.shape != ref.shape or out.dtype != ref.dtype:
@@ -313,7 +333,7 @@ def _fuzz(seed: int, calls: int, progress_path: str) -> dict:
             nonfinite_input = any(
                 isinstance(t, torch.Tensor) and t.is_floating_point()
                 and not torch.isfinite(t.detach()).all()
-                for t in list(tensors) + [kw.get("attn_mask")])
+                for t in list(tensors) + [kw.get("attn_mask"), kw.get("alibi_slopes")])
             huge_scale = isinstance(kw.get("scale"), float) and abs(kw["scale"]) > 1e30
             if nonfinite_input or huge_scale:
                 # inf/NaN inputs or overflowing scores: NaN patterns are a known

@@ -130,7 +130,7 @@ def test_mha_masks_reach_the_kernel_efficiently(monkeypatch):
     (N, 1, 1, S) mask, the causal hint as the kernel's causal flag."""
     calls = []
     names = ("q", "k", "v", "attn_mask", "key_lengths", "rng", "scale", "window_left",
-             "window_right", "bottom_right", "dropout_p")
+             "window_right", "diag_offset", "dropout_p")
 
     def spy(*args):
         call = dict(zip(names, args))

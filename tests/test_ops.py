@@ -1,7 +1,8 @@
 """The torch.ops.selfattn operators on CPU (issue #2): torch.library.opcheck on
 every op with several samples (masks, key_lengths, windows, dropout,
-mask_grad), gradcheck in float64 on small sizes, and torch.compile(fullgraph=True)
-on functions using each public API, backward included.
+mask_grad, soft-cap, ALiBi, block offsets), gradcheck in float64 on small
+sizes, and torch.compile(fullgraph=True) on functions using each public API,
+backward included.
 """
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ def _t(*shape, dtype=torch.float32, grad=False):
 # ---------------------------------------------------------------------------
 # opcheck
 
-# (name, q/k/v/mask factory, key_lengths, dropout_p, window_left, window_right, bottom_right)
+# The forward op's arguments: q, k, v, mask, key_lengths, rng_state, scale,
+# window_left, window_right, diag_offset (br: bottom-right Sk - Sq, else 0, or
+# `off`), dropout_p, alibi_slopes, softcap, q_start, k_start.
 def _samples():
     def mk(dtype=torch.float32, B=2, Sq=9, Sk=11, Hq=4, Hkv=2, D=16, Dv=8, mask=None,
-           key_lengths=None, dropout_p=0.0, wl=-1, wr=-1, br=True, scale=0.25):
+           key_lengths=None, dropout_p=0.0, wl=-1, wr=-1, br=True, scale=0.25, alibi=None,
+           softcap=0.0, off=None, starts=(0, 0)):
         q = _t(B, Sq, Hq, D, dtype=dtype, grad=True)
         k = _t(B, Sk, Hkv, D, dtype=dtype, grad=True)
         v = _t(B, Sk, Hkv, Dv, dtype=dtype, grad=True)
@@ -42,7 +46,14 @@ def _samples():
             m = _t(Sq, Sk, dtype=dtype, grad=True)
         kl = None if key_lengths is None else torch.tensor(key_lengths, dtype=torch.int64)
         rng = torch.tensor([1234, 5678], dtype=torch.int64) if dropout_p > 0 else None
-        return (q, k, v, m, kl, rng, scale, wl, wr, br, dropout_p)
+        slopes = None
+        if alibi == "heads":
+            slopes = torch.rand(Hq)
+        elif alibi == "batch_heads":
+            slopes = torch.rand(B, Hq)
+        if off is None:
+            off = Sk - Sq if br else 0
+        return (q, k, v, m, kl, rng, scale, wl, wr, off, dropout_p, slopes, softcap, *starts)
 
     return [
         pytest.param(lambda: mk(), id="plain"),
@@ -54,6 +65,13 @@ def _samples():
         pytest.param(lambda: mk(mask="float_grad", dropout_p=0.5, Hkv=1, wl=4, wr=-1, br=False),
                      id="mask_grad-dropout-mqa-window"),
         pytest.param(lambda: mk(Sq=1, Sk=1, Hq=1, Hkv=1, D=1, Dv=1), id="tiny"),
+        pytest.param(lambda: mk(softcap=2.0, wr=0), id="softcap-causal"),
+        pytest.param(lambda: mk(dtype=F64, alibi="heads", mask="float_grad", softcap=5.0),
+                     id="f64-alibi-softcap-mask_grad"),
+        pytest.param(lambda: mk(dtype=torch.bfloat16, alibi="batch_heads", key_lengths=[4, 11],
+                                wl=3, wr=2), id="bf16-alibi_batch-window"),
+        pytest.param(lambda: mk(alibi="heads", softcap=1.0, dropout_p=0.3, off=-5,
+                                starts=(7, 3), wr=1), id="block-offset-starts-dropout"),
     ]
 
 
@@ -87,19 +105,20 @@ def test_opcheck_probs(make, with_lse):
 
 def test_op_outputs():
     q, k, v = _t(2, 9, 4, 16), _t(2, 11, 2, 16), _t(2, 11, 2, 8)
-    out, lse = ops.forward_op(q, k, v, None, None, None, 0.25, -1, -1, True, 0.0)
+    mods = (None, 0.0, 0, 0)  # alibi_slopes, softcap, q_start, k_start
+    out, lse = ops.forward_op(q, k, v, None, None, None, 0.25, -1, -1, 2, 0.0, *mods)
     assert out.shape == (2, 9, 4, 8) and out.dtype == q.dtype
     assert lse.shape == (2, 4, 9) and lse.dtype == torch.float32 and lse.is_contiguous()
     dq, dk, dv, dmask = ops.backward_op(torch.randn_like(out), q, k, v, out, lse, None, None,
-                                        None, 0.25, -1, -1, True, 0.0, False)
+                                        None, 0.25, -1, -1, 2, 0.0, *mods, False)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dmask.numel() == 0
-    p = ops.probs_op(q, k, lse, None, None, None, 0.25, -1, -1, True, 0.0)
+    p = ops.probs_op(q, k, lse, None, None, None, 0.25, -1, -1, 2, 0.0, *mods)
     assert p.shape == (2, 4, 9, 11)
     torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 9))
     m = _t(4, 1, 11, dtype=torch.float64).float()
     *_, dmask = ops.backward_op(torch.randn_like(out), q, k, v, out, lse, m, None, None, 0.25,
-                                -1, -1, True, 0.0, True)
+                                -1, -1, 2, 0.0, *mods, True)
     assert dmask.shape == m.shape and dmask.dtype == m.dtype
 
 

@@ -3,14 +3,16 @@
 // Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM
 // on small problems); it streams the visible key tiles (kBlockN keys) past
 // the block, converting each once (KVTile), and for each sub-block of kBlockM rows
-// computes S = (scale Q) Kᵀ (+ mask), keeps the running row max and sum
-// (online softmax) and accumulates O += P V.
+// computes S = (scale Q) Kᵀ, soft-caps it and adds the ALiBi bias (from the
+// indices, per tile) and the mask, keeps the running row max and sum (online
+// softmax) and accumulates O += P V.
 // Backward: delta = rowsum(dO ∘ O); then one task per (b, hkv) (or per key
 // block of it when there are fewer heads than threads) that visits every
 // query head of the group, its key blocks and the query tiles that see them,
 // recomputes P = exp(S - lse) on transposed tiles (keys as rows, so no
 // product needs a transposed operand) and accumulates dK, dV per key block
-// and dQᵀ per head (or per thread when key blocks are split). Deterministic
+// and dQᵀ per head (or per thread when key blocks are split); with a soft-cap,
+// dS carries its derivative 1 - tanh² (kept per tile). Deterministic
 // for a given thread count. Probs: one task per query block, computing lse
 // first when it is not given.
 //
@@ -23,7 +25,8 @@
 // thread keeps for its next call, up to 1 MiB: TileCache) and, in the
 // backward, one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer and no
 // per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
-// keyed by (b, h, i, j), so the backward regenerates the forward's mask.
+// keyed by (b, h, q_start + i, k_start + j), so the backward regenerates the
+// forward's mask and a block of a larger attention draws the whole's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -394,6 +397,56 @@ struct Visibility {
 };
 
 // ---------------------------------------------------------------------------
+// Score modifiers (params.h) of one (b, h) on one line of scaled scores
+// s[0, count), before the mask: soft-capping s -> softcap * tanh(s / softcap),
+// then the ALiBi bias -slope * |i + diag_offset - j|, where element e of the
+// line has i + diag_offset - j = d0 + step * e (step -1 along a row of keys,
+// +1 along a transposed line of queries). `dtanh`, when given, receives the
+// soft-cap's derivative 1 - tanh² (the backward's factor of dS).
+
+template <typename T>
+struct Modifiers {
+  T softcap = 0, inv_softcap = 0;  // 0: off
+  T slope = 0;
+  bool alibi = false;
+
+  Modifiers(const AttnParams& p, int64_t b, int64_t h) {
+    if (p.softcap > 0) {
+      softcap = static_cast<T>(p.softcap);
+      inv_softcap = static_cast<T>(1.0 / p.softcap);
+    }
+    if (p.alibi_slopes != nullptr) {
+      alibi = true;
+      slope = static_cast<T>(p.alibi_slopes[b * p.alibi_batch + h]);
+    }
+  }
+
+  bool any() const { return softcap != T(0) || alibi; }
+
+  void apply(T* s, int64_t count, int64_t d0, int64_t step, T* dtanh) const {
+    constexpr int64_t kVec = Vec<T>::size();
+    const Vec<T> iota = Vec<T>::arange(T(0), T(step));
+    for (int64_t e = 0; e < count; e += kVec) {
+      const int64_t n = std::min(kVec, count - e);
+      Vec<T> x = n == kVec ? Vec<T>::loadu(s + e) : Vec<T>::loadu(s + e, n);
+      if (softcap != T(0)) {
+        const Vec<T> t = (x * Vec<T>(inv_softcap)).tanh();
+        if (dtanh != nullptr) {
+          const Vec<T> dt = at::vec::fnmadd(t, t, Vec<T>(T(1)));
+          n == kVec ? dt.store(dtanh + e) : dt.store(dtanh + e, n);
+        }
+        x = t * Vec<T>(softcap);
+      }
+      if (alibi) {
+        const Vec<T> dist = (Vec<T>(static_cast<T>(d0 + step * e)) + iota).abs();
+        x = at::vec::fnmadd(Vec<T>(slope), dist, x);
+      }
+      n == kVec ? x.store(s + e) : x.store(s + e, n);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Scores of a tile, in either orientation. One line s[0, count) of scores has
 // its mask elements at mask offset `first` + e * `step`, and is visible on
 // [lo, hi) (relative to the line): adds a float mask, hides where a bool mask
@@ -416,47 +469,58 @@ void mask_line(const MaskView& mk, int64_t first, int64_t step, int64_t lo, int6
   std::fill(s + hi, s + count, neg_inf<T>());
 }
 
-// S (m x n, row stride lds) = Qs Kᵀ + mask for queries i0.. and keys j0..;
-// Qs is scale * Q (m x D, dense), Kt is Kᵀ (D x n, row stride ldk).
+// S (m x n, row stride lds) = Qs Kᵀ, modified, + mask for queries i0.. and
+// keys j0..; Qs is scale * Q (m x D, dense), Kt is Kᵀ (D x n, row stride ldk).
 template <typename S, typename T>
 void score_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
                 int64_t m, int64_t j0, int64_t n, const T* Q, const T* Kt, int64_t ldk, T* Sc,
                 int64_t lds) {
   matmul(m, n, p.D, Q, p.D, Kt, ldk, Sc, lds, false);
   const MaskView& mk = p.mask;
+  const Modifiers<T> mods(p, b, h);
   for (int64_t r = 0; r < m; ++r) {
     const int64_t i = i0 + r;
+    if (mods.any()) mods.apply(Sc + r * lds, n, i + p.diag_offset - j0, -1, nullptr);
     mask_line<S>(mk, b * mk.batch + h * mk.head + i * mk.row + j0 * mk.col, mk.col,
                  vis.lo(i) - j0, vis.hi(b, i) - j0, Sc + r * lds, n);
   }
 }
 
-// The transposed tile: St (n x m, row stride lds) = K Qsᵀ + maskᵀ; K is n x D
-// (row stride ldk), Qt is (scale Q)ᵀ (D x m, row stride ldq).
+// The transposed tile: St (n x m, row stride lds) = K Qsᵀ, modified, + maskᵀ;
+// K is n x D (row stride ldk), Qt is (scale Q)ᵀ (D x m, row stride ldq). With
+// a soft-cap, its derivative goes to dtanh (n x m, row stride lds).
 template <typename S, typename T>
 void score_tile_t(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
                   int64_t m, int64_t j0, int64_t n, const T* K, int64_t ldk, const T* Qt,
-                  int64_t ldq, T* St, int64_t lds) {
+                  int64_t ldq, T* St, int64_t lds, T* dtanh) {
   matmul(n, m, p.D, K, ldk, Qt, ldq, St, lds, false);
   const MaskView& mk = p.mask;
+  const Modifiers<T> mods(p, b, h);
   for (int64_t c = 0; c < n; ++c) {
     const int64_t j = j0 + c;
+    if (mods.any()) {
+      mods.apply(St + c * lds, m, i0 + p.diag_offset - j, 1,
+                 dtanh != nullptr ? dtanh + c * lds : nullptr);
+    }
     mask_line<S>(mk, b * mk.batch + h * mk.head + i0 * mk.row + j * mk.col, mk.row,
                  vis.first_row(j) - i0, vis.last_row(j + 1) - i0, St + c * lds, m);
   }
 }
 
-// z[c] = dropout_scale if element (b, h, i, j0 + c) is kept, else 0.
+// z[c] = dropout_scale if element (b, h, i, j0 + c) is kept, else 0; rows and
+// keys are counted from q_start and k_start (philox.h).
 template <typename T>
 void dropout_row(const AttnParams& p, int64_t bh, int64_t i, int64_t j0, int64_t n, T* z) {
   const uint64_t seed = uint64_t(p.rng_state[0]);
   const uint64_t offset = uint64_t(p.rng_state[1]);
+  const uint64_t row = dropout_position(p.q_start, i);
+  const uint64_t key0 = dropout_position(p.k_start, j0);
   const T keep = static_cast<T>(p.dropout_scale);
   Philox4 bits{};
   for (int64_t c = 0; c < n; ++c) {
-    const int64_t j = j0 + c;
-    if (c == 0 || (j & 3) == 0) bits = dropout_bits(seed, offset, bh, i, j & ~int64_t(3));
-    z[c] = bits.x[j & 3] >= p.dropout_threshold ? keep : T(0);
+    const uint64_t key = key0 + uint64_t(c);
+    if (c == 0 || (key & 3) == 0) bits = dropout_bits(seed, offset, bh, row, key);
+    z[c] = bits.x[key & 3] >= p.dropout_threshold ? keep : T(0);
   }
 }
 
@@ -776,6 +840,7 @@ void backward_kernel(const AttnBwdParams& p) {
     Tile<T> dK(acc_keys * p.D), dV(acc_keys * p.Dv);
     Tile<T> St(kBwdBlockN * kBwdBlockM), dPt(kBwdBlockN * kBwdBlockM);
     Tile<T> Z(kBwdBlockM * kBwdBlockN), shift(kBwdBlockM);
+    Tile<T> dtanh(p.softcap > 0 ? kBwdBlockN * kBwdBlockM : 0);  // 1 - tanh² of the soft-cap
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = (task / tasks_per_head) % p.Hkv;
       const int64_t b = task / (tasks_per_head * p.Hkv);
@@ -809,7 +874,7 @@ void backward_kernel(const AttnBwdParams& p) {
             transpose(Qc.data(), m, p.D, p.D, Qt.data(), m);
             transpose(dOc.data(), m, p.Dv, p.Dv, dOt.data(), m);
             score_tile_t<S>(p, vis, b, h, i0, m, j0, n, kv.k(), kv.k_stride(), Qt.data(), m,
-                            St.data(), kBwdBlockM);
+                            St.data(), kBwdBlockM, dtanh.empty() ? nullptr : dtanh.data());
             matmul(n, m, p.Dv, kv.v(), kv.v_stride(), dOt.data(), m, dPt.data(), kBwdBlockM,
                    false);
             // P = exp(S - lse), forced to 0 on rows that see no key (lse = -inf).
@@ -827,7 +892,8 @@ void backward_kernel(const AttnBwdParams& p) {
               }
             }
             // Z ∘ dPᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - delta) in dPt and Pᵀ in St, then (P∘Z)ᵀ
-            // in St for dV.
+            // in St for dV. A float mask, added after the soft-cap, takes dS as its
+            // gradient; q and k take dS ∘ (1 - tanh²).
             auto each = [&](auto fn) {
               for (int64_t c = 0; c < n; ++c) {
                 for (int64_t r = 0; r < m; ++r) fn(c, r, c * kBwdBlockM + r);
@@ -850,6 +916,13 @@ void backward_kernel(const AttnBwdParams& p) {
                 dmask_t[b * p.dmask.batch + h * p.dmask.head + (i0 + r) * p.dmask.row +
                         (j0 + c) * p.dmask.col] += dPt[e];
               });
+            }
+            if (!dtanh.empty()) {
+              for (int64_t c = 0; c < n; ++c) {
+                T* ds = dPt.data() + c * kBwdBlockM;
+                at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, ds, ds,
+                              dtanh.data() + c * kBwdBlockM, m);
+              }
             }
             matmul(n, p.Dv, m, St.data(), kBwdBlockM, dOc.data(), p.Dv, dVb, p.Dv, true);
             matmul(n, p.D, m, dPt.data(), kBwdBlockM, Qc.data(), p.D, dKb, p.D, true);

@@ -6,7 +6,8 @@
 //    256), every (B, S, H, D) row is 16-byte aligned, the grid fits and the
 //    tiles fit the device's shared memory;
 //  - otherwise the simple fallback kernels (fallback.cu), which take every
-//    dtype and shape;
+//    dtype and shape (and the backward of a soft-cap with a float mask's
+//    gradient);
 //  - probabilities always through the simple probs kernel.
 // The backward's dQ uses fp32 atomics, or a second kernel without atomics
 // when torch.use_deterministic_algorithms(True) is on.
@@ -34,12 +35,11 @@ DType to_dtype(at::ScalarType t) {
   TORCH_CHECK(false, "selfattn: unsupported dtype ", t);
 }
 
-// A window side at least Sq + Sk wide bounds nothing: make it unbounded so
-// that the kernels' index arithmetic cannot overflow.
+// Windows that bound nothing made unbounded (params.h), so that the kernels'
+// index arithmetic cannot overflow whoever filled the params.
 AttnParams normalized(const AttnParams& p) {
   AttnParams n = p;
-  if (n.window_left > n.Sq + n.Sk) n.window_left = -1;
-  if (n.window_right > n.Sq + n.Sk) n.window_right = -1;
+  normalize_window(n);
   return n;
 }
 
@@ -143,6 +143,9 @@ void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
         aligned16(p.dv, p.B, p.Sk, p.Hkv) && smem_fits(p, bwd_smem(bucket, deterministic)))) {
     bucket = 0;
   }
+  // A float mask's gradient is dS before the soft-cap's derivative, which the
+  // flash backward folds into P (flash_bwd.cuh): that pair takes the fallback.
+  if (p.softcap > 0 && p.dmask.ptr != nullptr) bucket = 0;
   if (bucket == 0) {
     run_fallback_bwd(p, to_dtype(dtype), stream);
     return;

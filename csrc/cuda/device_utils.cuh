@@ -1,6 +1,7 @@
 // Device helpers shared by every CUDA kernel of selfattn:
 //  - the semantics all kernels share: visibility window and key lengths,
-//    attn_mask reads, dropout bits (philox.h), dtype conversions;
+//    score modifiers (soft-cap, ALiBi), attn_mask reads, dropout bits
+//    (philox.h), dtype conversions;
 //  - for the tensor-core kernels: PTX wrappers (cp.async, ldmatrix,
 //    mma.sync m16n8k16 with fp32 accumulators), the XOR-swizzled shared-memory
 //    tile layout and warp-level GEMMs on m16n8k16 fragments.
@@ -112,6 +113,43 @@ __device__ __forceinline__ void block_range(int64_t lo, int64_t hi, int blk, int
   bhi = hi > lo ? (hi + blk - 1) / blk : 0;
 }
 
+// ---------------------------------------------------------------------------
+// Score modifiers (params.h) of one (b, h): the scaled score s of query i and
+// key j becomes softcap * tanh(s / softcap) - slope * |i + diag_offset - j|,
+// before the attn_mask. softcap 0 is off; without ALiBi slopes the slope is 0,
+// which adds nothing.
+
+__device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float acc_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double acc_abs(double x) { return fabs(x); }
+
+template <typename acc_t> struct Modifiers {
+  acc_t softcap, inv_softcap, slope;
+
+  __device__ __forceinline__ bool any() const { return softcap != acc_t(0) || slope != acc_t(0); }
+  // s modified; dist = i + diag_offset - j. With soft-capping, *dtanh (when
+  // dtanh is not null) receives its derivative 1 - tanh², the backward's
+  // factor of dS.
+  __device__ __forceinline__ acc_t apply(acc_t s, acc_t dist, acc_t* dtanh) const {
+    if (softcap != acc_t(0)) {
+      const acc_t t = acc_tanh(s * inv_softcap);
+      if (dtanh != nullptr) *dtanh = acc_t(1) - t * t;
+      s = softcap * t;
+    }
+    return s - slope * acc_abs(dist);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Modifiers<acc_t> make_modifiers(const AttnParams& p, int64_t b,
+                                                           int64_t h) {
+  Modifiers<acc_t> m{acc_t(p.softcap), 0, 0};
+  if (m.softcap != acc_t(0)) m.inv_softcap = acc_t(1) / m.softcap;
+  if (p.alibi_slopes != nullptr) m.slope = acc_t(p.alibi_slopes[b * p.alibi_batch + h]);
+  return m;
+}
+
 // attn_mask at (i, j) of one head (`base` = b * batch + h * head stride):
 // false where a bool mask excludes the key; a float mask's value times `mul`
 // is added to s.
@@ -137,15 +175,17 @@ struct Dropout {
   uint64_t seed, offset;
   uint32_t threshold;  // 0: every element is kept (no draw needed)
   int64_t bh;          // b * Hq + h
+  int64_t q_start, k_start;  // rows and keys are drawn as q_start + i, k_start + j
 
   __device__ __forceinline__ bool keep(int64_t i, int64_t j) const {
-    const Philox4 r = dropout_bits(seed, offset, bh, i, j & ~int64_t(3));
-    return philox_pick(r, int(j & 3)) >= threshold;
+    const uint64_t key = dropout_position(k_start, j);
+    const Philox4 r = dropout_bits(seed, offset, bh, dropout_position(q_start, i), key);
+    return philox_pick(r, int(key & 3)) >= threshold;
   }
 };
 
 __device__ __forceinline__ Dropout make_dropout(const AttnParams& p, int64_t bh) {
-  Dropout d{0, 0, p.dropout_threshold, bh};
+  Dropout d{0, 0, p.dropout_threshold, bh, p.q_start, p.k_start};
   if (d.threshold != 0) {
     d.seed = uint64_t(p.rng_state[0]);
     d.offset = uint64_t(p.rng_state[1]);
@@ -386,44 +426,74 @@ __device__ __forceinline__ void warp_gemm_ts(float (&acc)[kN / 8][4], const T* s
 // Element-wise passes over a warp's score fragments. The fragment's rows start
 // at r0 and its columns at c0 (c0 a multiple of 8); with kRowsAreQueries the
 // rows are query positions i and the columns key positions j, else the reverse
-// (the backward's transposed S^T tiles).
+// (the backward's transposed S^T tiles). kMods: the kernel instantiation with
+// the score modifiers (soft-cap, ALiBi).
 
 struct ScoreCtx {
   float scale_log2;  // scale * log2(e)
+  float scale;
+  Modifiers<float> mods;
   Visibility vis;
   MaskView mask;
   int64_t mask_base;  // b * mask.batch + h * mask.head
   int64_t Sq;
 };
 
-// Raw q.k products -> log2-domain scores s * scale * log2(e) (+ a float mask
-// times log2(e)); invisible or bool-masked elements, and query rows >= Sq,
-// become -inf. `full` (the whole tile visible and no attn_mask) skips the checks.
-// The product is rounded on its own (__fmul_rn cannot be contracted): otherwise
-// nvcc fuses it with the later `x - max` / `x - lse` into one fma, whose result
-// for the max element is the product's rounding error instead of 0, which for
-// huge scores overflows exp2 to inf and gives NaN (CUDA_FACTS 10.2, FA2 UNFUSE_FMA).
-template <typename T, bool kRowsAreQueries, int kNT>
-__device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], const ScoreCtx& c, int64_t r0,
-                                               int64_t c0, bool full, int lane) {
+__device__ __forceinline__ ScoreCtx make_score_ctx(const AttnParams& p, const Visibility& vis,
+                                                   int64_t b, int64_t h) {
+  return ScoreCtx{float(p.scale) * kLog2e, float(p.scale), make_modifiers<float>(p, b, h), vis,
+                  p.mask, b * p.mask.batch + h * p.mask.head, p.Sq};
+}
+
+// Calls f(nt, e, i, j, dist) for each element e of each n-tile nt of a
+// warp's fragment whose rows start at r0 and columns at c0: i and j are its
+// query and key, dist = i + diag_offset - j as float (exact below 2^24).
+template <bool kRowsAreQueries, int kNT, typename F>
+__device__ __forceinline__ void for_each_score(const ScoreCtx& c, int64_t r0, int64_t c0,
+                                               int lane, F&& f) {
   const int g = lane >> 2, t = lane & 3;
+  const float dist0 = float((kRowsAreQueries ? r0 - c0 : c0 - r0) + c.vis.off);
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = __fmul_rn(s[nt][e], c.scale_log2);
-      if (!full) {
-        const int64_t row = r0 + g + 8 * (e >> 1), col = c0 + nt * 8 + 2 * t + (e & 1);
-        const int64_t i = kRowsAreQueries ? row : col, j = kRowsAreQueries ? col : row;
-        bool visible = i < c.Sq && c.vis(i, j);
-        if (visible && c.mask.kind != MaskKind::None) {
-          visible = apply_attn_mask<T, float>(c.mask, c.mask_base, i, j, kLog2e, x);
-        }
-        if (!visible) x = -INFINITY;
+      const int row = g + 8 * (e >> 1), col = nt * 8 + 2 * t + (e & 1);
+      if constexpr (kRowsAreQueries) {
+        f(nt, e, r0 + row, c0 + col, dist0 + float(row - col));
+      } else {
+        f(nt, e, c0 + col, r0 + row, dist0 + float(col - row));
       }
-      s[nt][e] = x;
     }
   }
+}
+
+// A raw q.k product of query i and key j -> its log2-domain score: s * scale
+// * log2(e), or with the modifiers (kMods) (softcap * tanh(s * scale /
+// softcap) - slope * |dist|) * log2(e), then plus a float mask times log2(e);
+// -inf when invisible, bool-masked or i >= Sq. `full` (the whole tile
+// visible and no attn_mask) skips the checks. With soft-capping, *dtanh
+// (when dtanh is not null) receives 1 - tanh². The product is rounded on its
+// own (__fmul_rn cannot be contracted): otherwise nvcc fuses it with the
+// later `x - max` / `x - lse` into one fma, whose result for the max element
+// is the product's rounding error instead of 0, which for huge scores
+// overflows exp2 to inf and gives NaN (CUDA_FACTS 10.2, FA2 UNFUSE_FMA).
+template <typename T, bool kMods>
+__device__ __forceinline__ float score_log2(float s, const ScoreCtx& c, int64_t i, int64_t j,
+                                            float dist, bool full, float* dtanh) {
+  float x;
+  if constexpr (kMods) {
+    x = __fmul_rn(c.mods.apply(s * c.scale, dist, dtanh), kLog2e);
+  } else {
+    x = __fmul_rn(s, c.scale_log2);
+  }
+  if (!full) {
+    bool visible = i < c.Sq && c.vis(i, j);
+    if (visible && c.mask.kind != MaskKind::None) {
+      visible = apply_attn_mask<T, float>(c.mask, c.mask_base, i, j, kLog2e, x);
+    }
+    if (!visible) x = -INFINITY;
+  }
+  return x;
 }
 
 // Dropout keep bits of a fragment: bit 4 * nt + e.
@@ -432,6 +502,8 @@ __device__ __forceinline__ uint32_t dropout_keep_bits(const Dropout& d, int64_t 
                                                       int lane) {
   static_assert(kNT * 4 <= 32, "keep bits must fit 32 bits");
   const int g = lane >> 2, t = lane & 3;
+  // Keys col, col + 1 (col even) share one group of 4 draws when k_start is even.
+  const bool pairs = kRowsAreQueries && (d.k_start & 1) == 0;  // uniform
   uint32_t bits = 0;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -439,12 +511,16 @@ __device__ __forceinline__ uint32_t dropout_keep_bits(const Dropout& d, int64_t 
     for (int half = 0; half < 2; ++half) {
       const int64_t row = r0 + g + 8 * half, col = c0 + nt * 8 + 2 * t;
       bool k0, k1;
-      if constexpr (kRowsAreQueries) {
-        // keys col, col + 1 (col even) share one group of 4 draws
-        const Philox4 r = dropout_bits(d.seed, d.offset, d.bh, row, col & ~int64_t(3));
-        const bool upper = (col & 2) != 0;
+      if (pairs) {
+        const uint64_t key = dropout_position(d.k_start, col);
+        const Philox4 r =
+            dropout_bits(d.seed, d.offset, d.bh, dropout_position(d.q_start, row), key);
+        const bool upper = (key & 2) != 0;
         k0 = (upper ? r.x[2] : r.x[0]) >= d.threshold;
         k1 = (upper ? r.x[3] : r.x[1]) >= d.threshold;
+      } else if (kRowsAreQueries) {
+        k0 = d.keep(row, col);
+        k1 = d.keep(row, col + 1);
       } else {
         k0 = d.keep(col, row);
         k1 = d.keep(col + 1, row);

@@ -13,6 +13,9 @@
 //    query head of its kv head: dv += P~ dout, dk += dS q. No atomics on
 //    dq/dk/dv, so the fallback backward is deterministic;
 //  - probs: one warp per query row, lanes over keys, from the saved lse.
+// Scores are soft-capped and ALiBi-biased per element when asked (score());
+// the backward multiplies dS by the soft-cap's derivative after the
+// attn_mask gradient has taken it.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -61,14 +64,17 @@ __device__ __forceinline__ acc_t dot(const acc_t* s_row, const T* g_row, int64_t
   return sum;
 }
 
-// Scaled, masked score of query i and key j (one of the two rows in shared
-// memory, the other in global memory); -inf when j is not visible to i.
+// Scaled, modified, masked score of query i and key j (one of the two rows in
+// shared memory, the other in global memory); -inf when j is not visible to
+// i. With soft-capping, *dtanh (when dtanh is not null) receives 1 - tanh².
 template <typename T, typename acc_t>
 __device__ __forceinline__ acc_t score(const AttnParams& p, const Visibility& vis,
-                                       int64_t mask_base, const acc_t* s_row, const T* g_row,
-                                       int64_t i, int64_t j) {
+                                       const Modifiers<acc_t>& mods, int64_t mask_base,
+                                       const acc_t* s_row, const T* g_row, int64_t i, int64_t j,
+                                       acc_t* dtanh) {
   if (!vis(i, j)) return neg_inf<acc_t>();
   acc_t s = dot<T, acc_t>(s_row, g_row, p.D) * acc_t(p.scale);
+  if (mods.any()) s = mods.apply(s, acc_t(i + p.diag_offset - j), dtanh);
   if (p.mask.kind != MaskKind::None &&
       !apply_attn_mask<T, acc_t>(p.mask, mask_base, i, j, acc_t(1), s)) {
     return neg_inf<acc_t>();
@@ -99,6 +105,7 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_fwd_kernel(const AttnPar
   load_row<T, acc_t>(sq, row_ptr<T>(p.q, b, i, h), p.D, lane);
 
   const Visibility vis = make_visibility(p, b);
+  const Modifiers<acc_t> mods = make_modifiers<acc_t>(p, b, h);
   const Dropout drop = make_dropout(p, b * p.Hq + h);
   const int64_t mask_base = b * p.mask.batch + h * p.mask.head;
   const bool with_out = p.out.ptr != nullptr;
@@ -109,7 +116,8 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_fwd_kernel(const AttnPar
   acc_t m = neg_inf<acc_t>(), l = 0;
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += 32) {
     const int64_t j = j0 + lane;
-    const acc_t s = j < j_hi ? score<T, acc_t>(p, vis, mask_base, sq, row_ptr<T>(p.k, b, j, hk), i, j)
+    const acc_t s = j < j_hi ? score<T, acc_t>(p, vis, mods, mask_base, sq,
+                                               row_ptr<T>(p.k, b, j, hk), i, j, nullptr)
                              : neg_inf<acc_t>();
     const acc_t m_new = max(m, warp_max(s));
     const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;  // no -inf - -inf
@@ -182,6 +190,7 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_bwd_dq_kernel(const Attn
   load_row<T, acc_t>(sdo, row_ptr<T>(p.dout, b, i, h), p.Dv, lane);
 
   const Visibility vis = make_visibility(p, b);
+  const Modifiers<acc_t> mods = make_modifiers<acc_t>(p, b, h);
   const Dropout drop = make_dropout(p, b * p.Hq + h);
   const int64_t mask_base = b * p.mask.batch + h * p.mask.head;
   const acc_t lse = static_cast<const acc_t*>(p.lse)[row];
@@ -194,17 +203,20 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_bwd_dq_kernel(const Attn
     const int64_t j = j0 + lane;
     acc_t ds = 0;
     if (j < j_hi) {
-      const acc_t s = score<T, acc_t>(p, vis, mask_base, sq, row_ptr<T>(p.k, b, j, hk), i, j);
+      acc_t dtanh = 1;
+      const acc_t s =
+          score<T, acc_t>(p, vis, mods, mask_base, sq, row_ptr<T>(p.k, b, j, hk), i, j, &dtanh);
       const acc_t prob = acc_exp(s - lse);  // 0 where s = -inf
       if (prob != acc_t(0)) {
         const acc_t keep = drop.threshold == 0 || drop.keep(i, j) ? acc_t(p.dropout_scale) : 0;
         const acc_t dp = dot<T, acc_t>(sdo, row_ptr<T>(p.v, b, j, hk), p.Dv) * keep;
         ds = prob * (dp - delta);
-        if (p.dmask.ptr != nullptr) {
+        if (p.dmask.ptr != nullptr) {  // the mask is added after the soft-cap
           atomicAdd(static_cast<acc_t*>(const_cast<void*>(p.dmask.ptr)) + b * p.dmask.batch +
                         h * p.dmask.head + i * p.dmask.row + j * p.dmask.col,
                     ds);
         }
+        ds *= dtanh;
       }
     }
     const int n = int(min(int64_t(32), j_hi - j0));
@@ -249,6 +261,7 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_bwd_dkv_kernel(const Att
 
   acc_t dk[kPerLane] = {}, dv[kPerLane] = {};
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+    const Modifiers<acc_t> mods = make_modifiers<acc_t>(p, b, h);
     const Dropout drop = make_dropout(p, b * p.Hq + h);
     const int64_t mask_base = b * p.mask.batch + h * p.mask.head;
     const acc_t* lse = static_cast<const acc_t*>(p.lse) + (b * p.Hq + h) * p.Sq;
@@ -257,14 +270,16 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_bwd_dkv_kernel(const Att
       const int64_t i = i0 + lane;
       acc_t pd = 0, ds = 0;  // dropped-out probability and score gradient of (i, j)
       if (i < i_hi && lse[i] != neg_inf<acc_t>()) {
-        const acc_t s = score<T, acc_t>(p, vis, mask_base, sk, row_ptr<T>(p.q, b, i, h), i, j);
+        acc_t dtanh = 1;
+        const acc_t s = score<T, acc_t>(p, vis, mods, mask_base, sk, row_ptr<T>(p.q, b, i, h),
+                                        i, j, &dtanh);
         const acc_t prob = acc_exp(s - lse[i]);
         if (prob != acc_t(0)) {
           const acc_t keep =
               drop.threshold == 0 || drop.keep(i, j) ? acc_t(p.dropout_scale) : 0;
           const acc_t dp = dot<T, acc_t>(sv, row_ptr<T>(p.dout, b, i, h), p.Dv) * keep;
           pd = prob * keep;
-          ds = prob * (dp - delta[i]);
+          ds = prob * (dp - delta[i]) * dtanh;
         }
       }
       const int n = int(min(int64_t(32), i_hi - i0));
@@ -307,6 +322,7 @@ __global__ void __launch_bounds__(kWarps * 32) probs_kernel(const AttnParams p, 
   load_row<T, acc_t>(sq, row_ptr<T>(p.q, b, i, h), p.D, lane);
 
   const Visibility vis = make_visibility(p, b);
+  const Modifiers<acc_t> mods = make_modifiers<acc_t>(p, b, h);
   const Dropout drop = make_dropout(p, b * p.Hq + h);
   const int64_t mask_base = b * p.mask.batch + h * p.mask.head;
   const acc_t lse = static_cast<const acc_t*>(p.lse)[row];
@@ -314,7 +330,9 @@ __global__ void __launch_bounds__(kWarps * 32) probs_kernel(const AttnParams p, 
   for (int64_t j = lane; j < p.Sk; j += 32) {
     acc_t prob = 0;
     if (lse != neg_inf<acc_t>()) {
-      prob = acc_exp(score<T, acc_t>(p, vis, mask_base, sq, row_ptr<T>(p.k, b, j, hk), i, j) - lse);
+      prob = acc_exp(score<T, acc_t>(p, vis, mods, mask_base, sq, row_ptr<T>(p.k, b, j, hk), i, j,
+                                     nullptr) -
+                     lse);
       if (prob != acc_t(0)) {
         prob *= drop.threshold == 0 || drop.keep(i, j) ? acc_t(p.dropout_scale) : 0;
       }

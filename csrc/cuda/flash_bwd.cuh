@@ -12,7 +12,11 @@
 //  - in deterministic mode, by a dQ kernel per query block (forward-shaped:
 //    S = Q K^T, dP = dO V^T, dQ += dS K in registers), with no atomics.
 //  - a float attn_mask's gradient is atomically accumulated from dS by the
-//    dK/dV kernel (each element once when the mask is not broadcast).
+//    dK/dV kernel (each element once when the mask is not broadcast);
+//  - with soft-capping (the kMods instantiations), dS carries the factor
+//    1 - tanh², folded into P right after dV's use of it; a float mask's
+//    gradient, which is dS before that factor, then runs on the fallback
+//    kernels (cuda_backend.cpp).
 // P = exp2(S * scale * log2e - lse * log2e) with lse = -inf read as +inf, so
 // rows that see no key get P = 0 and zero gradients.
 // Included by flash_bwd_{fp16,bf16}.cu, which instantiate run_flash_bwd.
@@ -30,10 +34,10 @@ __device__ __forceinline__ float lse_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32, 1)
+template <typename T, int kD, bool kMods>
+__global__ void __launch_bounds__(BwdConfig<kD, kMods>::kWarps * 32, 1)
     flash_bwd_dkv_kernel(const AttnBwdParams p, float* dq_accum) {
-  using Cfg = BwdConfig<kD>;
+  using Cfg = BwdConfig<kD, kMods>;
   constexpr int kBr = Cfg::kBr, kBc = Cfg::kBc, kWarps = Cfg::kWarps, kThreads = kWarps * 32;
   constexpr int kDOut = kD / Cfg::kSplit;       // dK/dV/dQ columns of this CTA
   constexpr int kNTs = kBr / 8, kNTo = kDOut / 8;
@@ -96,7 +100,6 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32, 1)
     load_q(0, 0);
     cp_async_commit();
 
-    const float scale_log2 = float(p.scale) * kLog2e;
     const float dscale = float(p.dropout_scale);
     for (int64_t it = 0; it < n_iter; ++it) {
       const int stage = int(it & 1);
@@ -115,32 +118,29 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32, 1)
       // P^T (16 keys, kBr queries) of this warp.
       float pt[kNTs][4] = {};
       warp_gemm_ss<T, kBr, kD, kD, kD>(pt, sK, warp * 16, sQs, 0, int(p.D), lane);
-      const ScoreCtx sc{scale_log2, vis, p.mask, b * p.mask.batch + h * p.mask.head, p.Sq};
+      const ScoreCtx sc = make_score_ctx(p, vis, b, h);
       const bool full = p.mask.kind == MaskKind::None &&
                         vis.all(m0, m0 + kBr - 1, n0, n0 + kBc - 1);
-      scores_to_log2<T, false>(pt, sc, key0, m0, full, lane);
-#pragma unroll
-      for (int nt = 0; nt < kNTs; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) pt[nt][e] = exp2f(pt[nt][e] - sLs[nt * 8 + 2 * t + (e & 1)]);
-      }
       // Dropout factor per element: dscale when kept, 0 when dropped.
       uint32_t keep = 0xffffffffu;
       const Dropout drop = make_dropout(p, b * p.Hq + h);
       if (drop.threshold != 0) keep = dropout_keep_bits<false, kNTs>(drop, key0, m0, lane);
 
+      // P^T, then P^T * Z / (1 - p) for dV and, with soft-capping, P^T * (1 - tanh²)
+      // as dS^T's factor (so a float mask's gradient, which is dS^T before the
+      // soft-cap's derivative, is left to the fallback kernels when soft-capping).
+      float pd[kNTs][4];
+      for_each_score<false, kNTs>(sc, key0, m0, lane, [&](int nt, int e, int64_t i, int64_t j,
+                                                          float dist) {
+        float dtanh = 1.f;
+        const float x = score_log2<T, kMods>(pt[nt][e], sc, i, j, dist, full, &dtanh);
+        const float prob = exp2f(x - sLs[nt * 8 + 2 * t + (e & 1)]);
+        pd[nt][e] = ((keep >> (nt * 4 + e)) & 1u) ? prob * dscale : 0.f;
+        pt[nt][e] = prob * dtanh;
+      });
+
       // dV += (P^T * Z / (1 - p)) dO
-      {
-        float pd[kNTs][4];
-#pragma unroll
-        for (int nt = 0; nt < kNTs; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            pd[nt][e] = ((keep >> (nt * 4 + e)) & 1u) ? pt[nt][e] * dscale : 0.f;
-          }
-        }
-        warp_gemm_rs<T, kDOut, kBr, kD>(acc_dv, pd, sdOs, 0, col_out, int(p.Dv), lane);
-      }
+      warp_gemm_rs<T, kDOut, kBr, kD>(acc_dv, pd, sdOs, 0, col_out, int(p.Dv), lane);
 
       // dS^T = P^T * (dP^T * Z / (1 - p) - delta), dP^T = V dO^T
       float ds[kNTs][4] = {};
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32, 1)
           ds[nt][e] = pt[nt][e] * (dp - sDs[nt * 8 + 2 * t + (e & 1)]);
         }
       }
-      if (p.dmask.ptr != nullptr && slice == 0) {
+      if (p.dmask.ptr != nullptr && slice == 0) {  // never with soft-capping (above)
         add_mask_grad<false, kNTs>(p.dmask, b * p.dmask.batch + h * p.dmask.head, ds, key0, m0,
                                    p.Sq, vis.kv_len, lane);
       }
@@ -214,10 +214,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32, 1)
   }
 }
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(DqConfig<kD>::kWarps * 32, 1)
+template <typename T, int kD, bool kMods>
+__global__ void __launch_bounds__(DqConfig<kD, kMods>::kWarps * 32, 1)
     flash_bwd_dq_kernel(const AttnBwdParams p) {
-  using Cfg = DqConfig<kD>;
+  using Cfg = DqConfig<kD, kMods>;
   constexpr int kBr = Cfg::kBr, kBc = Cfg::kBc, kThreads = Cfg::kWarps * 32;
   constexpr int kNTs = kBc / 8, kNTo = kD / 8;
   static_assert(kBr == 16 * Cfg::kWarps, "one 16-row slab per warp");
@@ -245,8 +245,7 @@ __global__ void __launch_bounds__(DqConfig<kD>::kWarps * 32, 1)
     const T* do_head = static_cast<const T*>(p.dout.ptr) + b * p.dout.batch + h * p.dout.head;
     const T* k_head = static_cast<const T*>(p.k.ptr) + b * p.k.batch + hk * p.k.head;
     const T* v_head = static_cast<const T*>(p.v.ptr) + b * p.v.batch + hk * p.v.head;
-    const ScoreCtx sc{float(p.scale) * kLog2e, vis, p.mask,
-                      b * p.mask.batch + h * p.mask.head, p.Sq};
+    const ScoreCtx sc = make_score_ctx(p, vis, b, h);
     const Dropout drop = make_dropout(p, b * p.Hq + h);
     const float dscale = float(p.dropout_scale);
     float L[2], delta[2];  // rows g and g + 8
@@ -285,12 +284,14 @@ __global__ void __launch_bounds__(DqConfig<kD>::kWarps * 32, 1)
       warp_gemm_ss<T, kBc, kD, kD, kD>(ps, sQ, warp * 16, sKs, 0, int(p.D), lane);
       const bool full = p.mask.kind == MaskKind::None &&
                         vis.all(m_start, m_start + kBr - 1, n0, n0 + kBc - 1);
-      scores_to_log2<T, true>(ps, sc, row0, n0, full, lane);
-#pragma unroll
-      for (int nt = 0; nt < kNTs; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ps[nt][e] = exp2f(ps[nt][e] - L[e >> 1]);
-      }
+      // P, times 1 - tanh² with soft-capping: dS's factor.
+      for_each_score<true, kNTs>(sc, row0, n0, lane, [&](int nt, int e, int64_t i, int64_t j,
+                                                         float dist) {
+        float dtanh = 1.f;
+        const float prob =
+            exp2f(score_log2<T, kMods>(ps[nt][e], sc, i, j, dist, full, &dtanh) - L[e >> 1]);
+        ps[nt][e] = prob * dtanh;
+      });
       uint32_t keep = 0xffffffffu;
       if (drop.threshold != 0) keep = dropout_keep_bits<true, kNTs>(drop, row0, n0, lane);
 
@@ -342,23 +343,33 @@ __global__ void flash_bwd_dq_convert_kernel(const AttnBwdParams p, const float* 
   }
 }
 
-template <typename T, int kD>
-void run_flash_bwd(const AttnBwdParams& p, float* dq_accum, cudaStream_t stream) {
+template <typename T, int kD, bool kMods>
+void launch_flash_bwd(const AttnBwdParams& p, float* dq_accum, cudaStream_t stream) {
   {
-    using Cfg = BwdConfig<kD>;
+    using Cfg = BwdConfig<kD, kMods>;
     const dim3 grid(unsigned((p.Sk + Cfg::kBc - 1) / Cfg::kBc * Cfg::kSplit), unsigned(p.Hkv),
                     unsigned(p.B));
-    launch(flash_bwd_dkv_kernel<T, kD>, grid, Cfg::kWarps * 32, bwd_smem_bytes<kD>(), stream, p,
-           dq_accum);
+    launch(flash_bwd_dkv_kernel<T, kD, kMods>, grid, Cfg::kWarps * 32, bwd_smem_bytes<kD>(),
+           stream, p, dq_accum);
   }
   if (dq_accum != nullptr) {
     const int64_t n = p.B * p.Sq * p.Hq * p.D;
     const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 65536));
     launch(flash_bwd_dq_convert_kernel<T>, blocks, 256, 0, stream, p, dq_accum);
   } else {
-    using Cfg = DqConfig<kD>;
+    using Cfg = DqConfig<kD, kMods>;
     const dim3 grid(unsigned((p.Sq + Cfg::kBr - 1) / Cfg::kBr), unsigned(p.Hq), unsigned(p.B));
-    launch(flash_bwd_dq_kernel<T, kD>, grid, Cfg::kWarps * 32, dq_smem_bytes<kD>(), stream, p);
+    launch(flash_bwd_dq_kernel<T, kD, kMods>, grid, Cfg::kWarps * 32, dq_smem_bytes<kD, kMods>(),
+           stream, p);
+  }
+}
+
+template <typename T, int kD>
+void run_flash_bwd(const AttnBwdParams& p, float* dq_accum, cudaStream_t stream) {
+  if (has_modifiers(p)) {
+    launch_flash_bwd<T, kD, true>(p, dq_accum, stream);
+  } else {
+    launch_flash_bwd<T, kD, false>(p, dq_accum, stream);
   }
 }
 

@@ -2,8 +2,9 @@
 // (query block of kBr rows, head, batch); each warp owns 16 query rows. Q stays
 // in shared memory; K and V tiles of kBc keys stream through two cp.async
 // stages (tile n + 1 loads while tile n is used). Per tile: S = Q K^T with
-// ldmatrix + mma.sync m16n8k16 (fp32 accumulators), masks and window applied
-// element-wise only on tiles that need them, online softmax in registers
+// ldmatrix + mma.sync m16n8k16 (fp32 accumulators), soft-cap and ALiBi bias
+// per element when asked, masks and window applied element-wise only on tiles
+// that need them, online softmax in registers
 // (log2 domain), dropout, then O += P V with P taken straight from the S
 // fragments. The epilogue writes out = O / l (times the dropout scale) and
 // lse = max + ln(l); rows that see no key get 0 and -inf.
@@ -15,7 +16,7 @@
 namespace selfattn {
 namespace cuda {
 
-template <typename T, int kD>
+template <typename T, int kD, bool kMods>
 __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
     flash_fwd_kernel(const AttnParams p) {
   using Cfg = FwdConfig<kD>;
@@ -48,8 +49,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
     const T* q_head = static_cast<const T*>(p.q.ptr) + b * p.q.batch + h * p.q.head;
     const T* k_head = static_cast<const T*>(p.k.ptr) + b * p.k.batch + hk * p.k.head;
     const T* v_head = static_cast<const T*>(p.v.ptr) + b * p.v.batch + hk * p.v.head;
-    const ScoreCtx sc{float(p.scale) * kLog2e, vis, p.mask,
-                      b * p.mask.batch + h * p.mask.head, p.Sq};
+    const ScoreCtx sc = make_score_ctx(p, vis, b, h);
     const Dropout drop = make_dropout(p, b * p.Hq + h);
 
     auto load_kv = [&](int64_t n, int stage) {
@@ -80,7 +80,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
       warp_gemm_ss<T, kBc, kD, kD, kD>(s, sQ, warp * 16, sKs, 0, int(p.D), lane);
       const bool full = p.mask.kind == MaskKind::None &&
                         vis.all(m_start, m_start + kBr - 1, n0, n0 + kBc - 1);
-      scores_to_log2<T, true>(s, sc, row0, n0, full, lane);
+      for_each_score<true, kNTs>(sc, row0, n0, lane, [&](int nt, int e, int64_t i, int64_t j,
+                                                          float dist) {
+        s[nt][e] = score_log2<T, kMods>(s[nt][e], sc, i, j, dist, full, nullptr);
+      });
 
       // Online softmax: a row max of -inf (nothing visible yet) is used as 0 so
       // that exp2 gives 0 instead of NaN (CUDA_FACTS 10.1).
@@ -152,7 +155,13 @@ template <typename T, int kD>
 void run_flash_fwd(const AttnParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<kD>;
   const dim3 grid(unsigned((p.Sq + Cfg::kBr - 1) / Cfg::kBr), unsigned(p.Hq), unsigned(p.B));
-  launch(flash_fwd_kernel<T, kD>, grid, Cfg::kWarps * 32, fwd_smem_bytes<kD>(), stream, p);
+  if (has_modifiers(p)) {
+    launch(flash_fwd_kernel<T, kD, true>, grid, Cfg::kWarps * 32, fwd_smem_bytes<kD>(), stream,
+           p);
+  } else {
+    launch(flash_fwd_kernel<T, kD, false>, grid, Cfg::kWarps * 32, fwd_smem_bytes<kD>(), stream,
+           p);
+  }
 }
 
 }  // namespace cuda

@@ -1,5 +1,6 @@
 // Instantiations of the flash forward (flash_fwd.cuh) for float16,
-// head-dim buckets 64, 128 and 256: one file per dtype so the builds run in parallel.
+// head-dim buckets 64, 128 and 256, each with and without the score modifiers
+// (kMods): one file per dtype so the builds run in parallel.
 #include "flash_fwd.cuh"
 
 namespace selfattn {

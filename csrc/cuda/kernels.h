@@ -30,11 +30,18 @@ template <int kD> constexpr size_t fwd_smem_bytes() {
 // Backward dK/dV: kBc keys per CTA (resident K, V), query tiles of kBr rows in
 // two cp.async stages (Q, dO, lse, delta). kSplit CTAs share a key block, each
 // producing kD / kSplit columns of dK, dV (and dQ), so that the dK and dV
-// accumulators fit in registers for kD = 256.
-template <int kD> struct BwdConfig;
-template <> struct BwdConfig<64> { static constexpr int kWarps = 4, kBc = 64, kBr = 64, kSplit = 1; };
-template <> struct BwdConfig<128> { static constexpr int kWarps = 4, kBc = 64, kBr = 32, kSplit = 1; };
-template <> struct BwdConfig<256> { static constexpr int kWarps = 4, kBc = 64, kBr = 32, kSplit = 2; };
+// accumulators fit in registers for kD = 256 (4 CTAs with the score
+// modifiers, kMods, whose registers they need).
+template <int kD, bool kMods = false> struct BwdConfig;
+template <bool kMods> struct BwdConfig<64, kMods> {
+  static constexpr int kWarps = 4, kBc = 64, kBr = 64, kSplit = 1;
+};
+template <bool kMods> struct BwdConfig<128, kMods> {
+  static constexpr int kWarps = 4, kBc = 64, kBr = 32, kSplit = 1;
+};
+template <bool kMods> struct BwdConfig<256, kMods> {
+  static constexpr int kWarps = 4, kBc = 64, kBr = 32, kSplit = kMods ? 4 : 2;
+};
 template <int kD> constexpr size_t bwd_smem_bytes() {
   using C = BwdConfig<kD>;
   // K + V + 2 x (Q + dO) + dS^T + 2 x (lse + delta)
@@ -43,18 +50,34 @@ template <int kD> constexpr size_t bwd_smem_bytes() {
 }
 
 // Backward dQ without atomics (deterministic mode): kBr query rows per CTA,
-// K and V tiles of kBc keys in two stages.
-template <int kD> struct DqConfig;
-template <> struct DqConfig<64> { static constexpr int kWarps = 4, kBr = 64, kBc = 64; };
-template <> struct DqConfig<128> { static constexpr int kWarps = 4, kBr = 64, kBc = 64; };
-template <> struct DqConfig<256> { static constexpr int kWarps = 4, kBr = 64, kBc = 16; };
-template <int kD> constexpr size_t dq_smem_bytes() {
-  return size_t(2 * DqConfig<kD>::kBr + 4 * DqConfig<kD>::kBc) * kD * 2;  // Q + dO + 2 x (K + V)
+// K and V tiles of kBc keys in two stages (32 for kD = 128 with the score
+// modifiers: registers again, so that instantiation needs less shared memory
+// than the plain one, whose size cuda_backend.cpp checks).
+template <int kD, bool kMods = false> struct DqConfig;
+template <bool kMods> struct DqConfig<64, kMods> {
+  static constexpr int kWarps = 4, kBr = 64, kBc = 64;
+};
+template <bool kMods> struct DqConfig<128, kMods> {
+  static constexpr int kWarps = 4, kBr = 64, kBc = kMods ? 32 : 64;
+};
+template <bool kMods> struct DqConfig<256, kMods> {
+  static constexpr int kWarps = 4, kBr = 64, kBc = 16;
+};
+template <int kD, bool kMods = false> constexpr size_t dq_smem_bytes() {
+  using C = DqConfig<kD, kMods>;
+  return size_t(2 * C::kBr + 4 * C::kBc) * kD * 2;  // Q + dO + 2 x (K + V)
 }
 
 // ---- Flash kernels (flash_{fwd,bwd}_{fp16,bf16}.cu), T = __half or __nv_bfloat16.
 // Need: sm80+, D and Dv multiples of 8 with max(D, Dv) <= kD, 16-byte aligned
-// rows (pointers and strides) of every (B, S, H, D) tensor.
+// rows (pointers and strides) of every (B, S, H, D) tensor. Each comes in two
+// instantiations, with and without the score modifiers (soft-cap, ALiBi): the
+// kernels use every register already, and a runtime branch for the modifiers
+// made ptxas spill in the plain kernels too.
+
+inline bool has_modifiers(const AttnParams& p) {
+  return p.softcap > 0 || p.alibi_slopes != nullptr;
+}
 
 // out and lse.
 template <typename T, int kD>

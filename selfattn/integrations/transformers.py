@@ -12,7 +12,11 @@ contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) in, output
 copies), keeps grouped-query heads native (no repeat_kv), turns
 `is_causal` without a mask into the kernel's causal flag (top-left, as SDPA),
 and takes the masks transformers builds for SDPA (registered as well): bool
-True = attend, or float added.
+True = attend, or float added. Score modifiers run in the kernel: the
+`softcap` a model passes (Gemma 2's attn_logit_softcapping) and ALiBi slopes
+passed as `alibi_slopes` ((Hq,) or (B, Hq) float32; bottom-right offset, so
+that the last query is the last key's position, as in a KV cache).
+Attention sinks (`s_aux`) are refused.
 """
 from __future__ import annotations
 
@@ -33,23 +37,32 @@ def selfattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                                dropout: float = 0.0, scaling: Optional[float] = None,
                                is_causal: Optional[bool] = None,
                                position_bias: Optional[torch.Tensor] = None,
+                               softcap: Optional[float] = None,
+                               alibi_slopes: Optional[torch.Tensor] = None,
                                **kwargs) -> Tuple[torch.Tensor, None]:
     """transformers attention function: query (B, Hq, Sq, D), key (B, Hkv, Sk, D),
     value (B, Hkv, Sk, Dv), attention_mask bool/float broadcastable to
     (B, Hq, Sq, Sk) or None -> ((B, Sq, Hq, Dv), None)."""
-    if kwargs.get("softcap") is not None:
-        raise ArgumentError("selfattn attention does not support softcap; use attn_implementation="
-                            "'eager' for models that need it")
+    if kwargs.get("s_aux") is not None:
+        raise ArgumentError("selfattn attention does not support attention sinks (s_aux); use "
+                            "attn_implementation='eager' for models that need them")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    q_len = query.shape[2]
+    causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if causal and key.shape[2] > q_len:
+        # Top-left causal queries never see keys beyond q_len (SDPA crops them too, for the
+        # prefill of an empty static cache); cropping makes both alignments agree.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
     if position_bias is not None:
         from transformers.integrations.sdpa_attention import create_position_bias_mask
 
         attention_mask = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
         causal = False
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                    causal=causal, causal_alignment="top_left", scale=scaling,
-                    attn_mask=attention_mask, dropout_p=dropout)
+                    causal=causal,
+                    causal_alignment="bottom_right" if alibi_slopes is not None else "top_left",
+                    scale=scaling, attn_mask=attention_mask, dropout_p=dropout,
+                    alibi_slopes=alibi_slopes, softcap=softcap or 0.0)
     return out, None
 
 

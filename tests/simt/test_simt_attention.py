@@ -22,7 +22,12 @@ shapes (float masks with their gradient), dropout, rows that see no key,
 transposed, packed and unaligned layouts, the atomic and the deterministic
 dQ paths, and emulated devices without enough shared memory or without
 sm80; for float16/bfloat16 (flash and fallback kernels) and float32/float64
-(fallback kernels). The `slow` grid crosses more of these.
+(fallback kernels). The score modifiers (issue 18: ALiBi slopes, logit
+soft-capping, alone and together) cross the same options in their own cases
+(the flash kernels' kMods instantiations, and the fallback kernels), and a
+block of a larger attention (diag_offset, q_start, k_start) must reproduce
+the whole's probabilities, dropout mask, output and gradients. The `slow`
+grid crosses more of these.
 """
 from __future__ import annotations
 
@@ -73,6 +78,8 @@ class Case:
     deterministic: bool = False
     device: str = "sm80"
     bwd_family: Optional[str] = None  # when the backward takes other kernels than the forward
+    alibi: Optional[str] = None  # ALiBi slopes of shape (Hq,) "h" or (B, Hq) "bh"
+    softcap: float = 0.0
 
     @property
     def id(self):
@@ -91,6 +98,8 @@ class Case:
         s += f"-amp{self.amplitude:g}" if self.amplitude != 1.0 else ""
         s += "-det" if self.deterministic else ""
         s += f"-{self.device}" if self.device != "sm80" else ""
+        s += f"-alibi_{self.alibi}" if self.alibi else ""
+        s += f"-softcap{self.softcap:g}" if self.softcap else ""
         return s
 
 
@@ -163,15 +172,27 @@ def make_dout(c: Case, shape, g: torch.Generator):
     return torch.randn(shape[-1], generator=g).to(c.dtype).expand(shape)
 
 
+def alibi_slopes(c: Case):
+    """The case's ALiBi slopes, in [0.02, 0.5], or None."""
+    if c.alibi is None:
+        return None
+    shape = (c.B, c.Hq) if c.alibi == "bh" else (c.Hq,)
+    return 0.02 + 0.48 * torch.rand(shape, generator=torch.Generator().manual_seed(7))
+
+
 def masking(c: Case):
-    """The case's masking and scale arguments, as selfattn.reference takes them."""
-    return dict(causal=c.causal, causal_alignment=c.align, window=c.window, scale=c.scale)
+    """The case's masking, scale and score-modifier arguments, as
+    selfattn.reference takes them."""
+    return dict(causal=c.causal, causal_alignment=c.align, window=c.window, scale=c.scale,
+                alibi_slopes=alibi_slopes(c), softcap=c.softcap)
 
 
 def op_args(c: Case, q, k, v, mask, key_lengths):
+    """AttnArgs and the ops' arguments after rng_state (q_start = k_start = 0)."""
     a = attention_args("simt test", q, k, v, c.causal, c.align, c.window, c.scale, mask,
-                       key_lengths, c.dropout)
-    return a, (a.scale, a.window_left, a.window_right, a.bottom_right, a.dropout_p)
+                       key_lengths, c.dropout, alibi_slopes=alibi_slopes(c), softcap=c.softcap)
+    return a, (a.scale, a.window_left, a.window_right, a.diag_offset, a.dropout_p,
+               a.alibi_slopes, a.softcap, 0, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -210,8 +231,13 @@ def delta_residues(c, a, q, k, mask, key_lengths, out, gold, dout):
     d_delta = ((dout.double() * gold.detach()).sum(-1) - (dout.double() * out.double()).sum(-1))
     dS = P * d_delta.transpose(1, 2).unsqueeze(-1)
     G = q.shape[2] // k.shape[2]
-    dq = a.scale * torch.einsum("bhij,bjhd->bihd", dS, k.double().repeat_interleave(G, dim=2))
-    dk = a.scale * torch.einsum("bhij,bihd->bjhd", dS, q.double())
+    k_heads = k.double().repeat_interleave(G, dim=2)
+    dS_qk = dS  # q and k see dS through the soft-cap's derivative
+    if c.softcap:
+        scores = a.scale * torch.einsum("bihd,bjhd->bhij", q.double(), k_heads)
+        dS_qk = dS * (1 - torch.tanh(scores / c.softcap) ** 2)
+    dq = a.scale * torch.einsum("bhij,bjhd->bihd", dS_qk, k_heads)
+    dk = a.scale * torch.einsum("bhij,bihd->bjhd", dS_qk, q.double())
     dk = dk.view(*k.shape[:3], G, k.shape[3]).sum(3)
     moves = [dq.abs().max().item(), dk.abs().max().item(), 0.0]
     if mask is not None and mask.is_floating_point():
@@ -248,7 +274,7 @@ class Inputs:
     key_lengths: Optional[torch.Tensor]
     rng: Optional[torch.Tensor]
     args: object  # selfattn._args.AttnArgs
-    scalars: tuple  # scale, window_left, window_right, bottom_right, dropout_p
+    scalars: tuple  # the ops' arguments after rng_state (op_args)
     dout_gen: torch.Generator
 
 
@@ -416,7 +442,39 @@ FALLBACK = [fallback(i, **kw) for i, kw in enumerate([
     dict(Sq=33, dout_layout="bhsd", scale=2.0),
 ])]
 
-ALL = FLASH + FALLBACK_16BIT + FALLBACK
+# Score modifiers (issue 18): the flash kernels' kMods instantiations (every
+# head-dim bucket, both dQ paths) and the fallback kernels. The backward of a
+# soft-cap with a float mask's gradient runs on the fallback kernels
+# (cuda_backend.cpp).
+MODIFIERS = [case(dtype=dt, family=family, **kw) for dt, family, kw in [
+    (F16, "flash", dict(Sq=70, alibi="h")),
+    (BF16, "flash", dict(Sq=129, D=128, softcap=5.0)),
+    (F16, "flash", dict(Sq=65, D=256, alibi="bh", softcap=2.0)),
+    (BF16, "flash", dict(Sq=40, Sk=130, causal=True, alibi="h", softcap=1.0, amplitude=8.0)),
+    (F16, "flash", dict(Sq=100, window=(16, 8), alibi="bh", softcap=10.0)),
+    (BF16, "flash", dict(Hq=4, Hkv=1, Sq=50, Sk=90, D=72, causal=True, align="top_left",
+                         softcap=3.0)),
+    (F16, "flash", dict(B=3, Sq=40, Sk=70, key_lengths=(70, 33, 0), alibi="h", softcap=4.0)),
+    (BF16, "flash", dict(B=2, Sq=33, mask=("bool", "B1QK"), alibi="bh", softcap=6.0)),
+    (F16, "flash", dict(Sq=40, Sk=70, mask=("float", "QK"), alibi="h")),
+    (BF16, "flash", dict(Sq=33, mask=("float", "H1K"), softcap=3.0, bwd_family="fallback")),
+    (F16, "flash", dict(Sq=70, D=128, dropout=0.2, alibi="h", softcap=5.0)),
+    (BF16, "flash", dict(Sq=129, D=128, deterministic=True, causal=True, alibi="h",
+                         softcap=3.0)),
+    (F16, "flash", dict(Sq=65, D=256, deterministic=True, window=(10, 10), softcap=2.0)),
+    (BF16, "flash", dict(Sq=40, Hq=4, Hkv=1, deterministic=True, dropout=0.2, alibi="bh")),
+    (F16, "flash", dict(Sq=40, D=256, device="sm86", bwd_family="fallback", alibi="h",
+                        softcap=2.0)),
+    (F16, "fallback", dict(Sq=33, D=20, causal=True, alibi="bh", softcap=4.0)),
+    (F32, "fallback", dict(Sq=64, causal=True, alibi="h", softcap=3.0)),
+    (F64, "fallback", dict(B=2, Sq=20, mask=("float", "B1Q1"), window=(5, 5), alibi="bh",
+                           softcap=2.0)),
+    (F32, "fallback", dict(Sq=40, dropout=0.25, alibi="h", softcap=1.0, amplitude=6.0)),
+    (F64, "fallback", dict(Sq=33, Sk=70, causal=True, align="top_left", alibi="h",
+                           key_lengths=(50,))),
+]]
+
+ALL = FLASH + FALLBACK_16BIT + FALLBACK + MODIFIERS
 SEED = {p.values[0]: i for i, p in enumerate(ALL)}  # each case its own thread-order seed
 
 
@@ -455,6 +513,62 @@ def test_results_do_not_depend_on_thread_order(simt, c):
                 torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
             else:
                 assert torch.equal(a, b), f"result {i} depends on the thread order"
+
+
+# ---------------------------------------------------------------------------
+# A block of a larger attention: diag_offset, q_start and k_start. The whole
+# (top-left causal, ALiBi, soft-cap, dropout) cut into row and key blocks:
+# each block's probabilities from the whole's lse are the whole's, dropout
+# mask included; the lse-weighted sum of the key blocks' outputs is the
+# whole's output; the sums of the blocks' gradients (from the whole's out and
+# lse) are the whole's gradients.
+
+@pytest.mark.parametrize("dtype,family", [(F16, "flash"), (F32, "fallback")],
+                         ids=["f16-flash", "f32-fallback"])
+def test_blocks_reproduce_the_whole(simt, dtype, family):
+    configure(3)
+    B, S, H, D, p, cap = 1, 150, 2, 64, 0.3, 4.0
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dout = (torch.randn(B, S, H, D, generator=g).to(dtype) for _ in range(4))
+    rng = torch.tensor([4321, 987], dtype=torch.int64)
+    s = 0.02 + 0.48 * torch.rand(B, H, generator=g)
+
+    def args(off=0, q_start=0, k_start=0):
+        return (rng, D ** -0.5, -1, 0, off, p, s, cap, q_start, k_start)
+
+    out, lse = simt.attention_forward(q, k, v, None, None, *args())
+    expect_kernels(simt, f"{family}_fwd_kernel")
+    probs = simt.attention_probs(q, k, lse, None, None, *args())
+    dq, dk, dv, _ = simt.attention_backward(dout, q, k, v, out, lse, None, None, *args(), False)
+    merged = torch.zeros(out.shape, dtype=torch.float64)
+    grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == F16 else dict(atol=1e-5, rtol=1e-5)
+    for r0, r1 in ((0, 49), (49, 150)):
+        lse_b = lse[:, :, r0:r1].contiguous()
+        for c0, c1 in ((0, 37), (37, 150)):
+            a = args(r0 - c0, r0, c0)
+            qb, kb, vb = q[:, r0:r1], k[:, c0:c1], v[:, c0:c1]
+            pb = simt.attention_probs(qb, kb, lse_b, None, None, *a)
+            whole = probs[:, :, r0:r1, c0:c1]
+            torch.testing.assert_close(pb, whole, **tol)
+            sure = whole.double().abs() > 1e-3
+            assert torch.equal((pb != 0)[sure], (whole != 0)[sure]), "another dropout mask"
+            ob, lb = simt.attention_forward(qb, kb, vb, None, None, *a)
+            weight = torch.exp(lb.double() - lse_b.double()).nan_to_num(0.0)
+            merged[:, r0:r1] += weight.transpose(1, 2).unsqueeze(-1) * ob.double()
+            gq, gk, gv, _ = simt.attention_backward(dout[:, r0:r1], qb, kb, vb, out[:, r0:r1],
+                                                    lse_b, None, None, *a, False)
+            grads[0][:, r0:r1] += gq.double()
+            grads[1][:, c0:c1] += gk.double()
+            grads[2][:, c0:c1] += gv.double()
+    torch.testing.assert_close(merged, out.double(), **tol)
+    for got, want in zip(grads, (dq, dk, dv)):
+        torch.testing.assert_close(got, want.double(), **tol)
+    # and the CPU ops draw the same mask for the same block
+    cpu = torch.ops.selfattn.attention_probs(q[:, 49:], k[:, 37:], lse[:, :, 49:].contiguous(),
+                                             None, None, *args(12, 49, 37))
+    sure = cpu.double().abs() > 1e-3
+    assert torch.equal((cpu != 0)[sure], (probs[:, :, 49:, 37:] != 0)[sure])
 
 
 # ---------------------------------------------------------------------------
@@ -505,12 +619,18 @@ def random_case(r: random.Random):
     dropout = r.choice([0.0, 0.0, 0.0, 0.2])
     deterministic = r.random() < 0.3 and not (mask and mask[0] == "float")
     fwd, bwd = expected_family(dtype, D, Dv, layout, device)
-    return Case(dtype=dtype, family=fwd, bwd_family=bwd if bwd != fwd else None, B=B, Sq=Sq, Sk=Sk,
-                Hq=Hq, Hkv=Hkv, D=D, Dv=Dv if Dv != D else None, causal=causal,
-                align=r.choice(["bottom_right", "top_left"]), window=window,
-                key_lengths=key_lengths, mask=mask, dropout=dropout, layout=layout,
-                dout_layout=r.choice(["bshd", "bshd", "bhsd", "expanded"]),
-                scale=r.choice([None, None, 0.3, 1.2]), deterministic=deterministic, device=device)
+    c = Case(dtype=dtype, family=fwd, bwd_family=bwd if bwd != fwd else None, B=B, Sq=Sq, Sk=Sk,
+             Hq=Hq, Hkv=Hkv, D=D, Dv=Dv if Dv != D else None, causal=causal,
+             align=r.choice(["bottom_right", "top_left"]), window=window,
+             key_lengths=key_lengths, mask=mask, dropout=dropout, layout=layout,
+             dout_layout=r.choice(["bshd", "bshd", "bhsd", "expanded"]),
+             scale=r.choice([None, None, 0.3, 1.2]), deterministic=deterministic, device=device)
+    # the score modifiers, drawn last (the draws above are the sweep's before them)
+    alibi, softcap = r.choice([None, None, "h", "bh"]), r.choice([0.0, 0.0, 1.0, 5.0, 30.0])
+    if softcap and mask and mask[0] == "float" and bwd == "flash":
+        bwd = "fallback"  # a soft-cap with a float mask's gradient (cuda_backend.cpp)
+    return dataclasses.replace(c, alibi=alibi, softcap=softcap,
+                               bwd_family=bwd if bwd != fwd else None)
 
 
 SWEEP_SEED = 20261201

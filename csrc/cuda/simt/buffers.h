@@ -62,7 +62,7 @@ inline simt::Buffer mask(const char* name, const MaskView& m, const AttnParams& 
   return b;
 }
 
-// What every kernel reads: q, k, v, the mask, key lengths, dropout state.
+// What every kernel reads: q, k, v, the mask, key lengths, ALiBi slopes, dropout state.
 inline std::vector<simt::Buffer> inputs(const AttnParams& p) {
   const OpTypes t = op_types();
   std::vector<simt::Buffer> v = {
@@ -70,6 +70,7 @@ inline std::vector<simt::Buffer> inputs(const AttnParams& p) {
       bshd("k", p.k, p.B, p.Sk, p.Hkv, p.D, false),
       bshd("v", p.v, p.B, p.Sk, p.Hkv, p.Dv, false),
       flat("key_lengths", p.key_lengths, p.B, 8, false),
+      flat("alibi_slopes", p.alibi_slopes, p.alibi_batch != 0 ? p.B * p.Hq : p.Hq, 4, false),
       flat("rng_state", p.rng_state, 2, 8, false),
   };
   if (p.mask.kind != MaskKind::None) {

@@ -38,51 +38,67 @@ inline void load_library(const std::string& path) {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Arguments after the tensors, in schema order. diag_offset: Sk - Sq for
+// bottom-right alignment, 0 for top-left. alibi_slopes: float32 (Hq,) or
+// (B, Hq); softcap 0 = off. q_start, k_start: positions of q's and k's row 0
+// in a larger sequence (dropout only).
+struct Options {
+  OptTensor attn_mask, key_lengths, rng_state;
+  double scale = 1.0;
+  int64_t window_left = -1, window_right = -1, diag_offset = 0;
+  double dropout_p = 0.0;
+  OptTensor alibi_slopes;
+  double softcap = 0.0;
+  int64_t q_start = 0, k_start = 0;
+};
+
 // -> out (B, Sq, Hq, Dv), lse (B, Hq, Sq)
-inline std::tuple<at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask,
-    const OptTensor& key_lengths, const OptTensor& rng_state, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p) {
+inline std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const Options& o) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("selfattn::attention_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-              const OptTensor&, const OptTensor&, double, int64_t, int64_t, bool, double)>();
-  return op.call(q, k, v, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
-                 bottom_right, dropout_p);
+              const OptTensor&, const OptTensor&, double, int64_t, int64_t, int64_t, double,
+              const OptTensor&, double, int64_t, int64_t)>();
+  return op.call(q, k, v, o.attn_mask, o.key_lengths, o.rng_state, o.scale, o.window_left,
+                 o.window_right, o.diag_offset, o.dropout_p, o.alibi_slopes, o.softcap,
+                 o.q_start, o.k_start);
 }
 
 // -> dq, dk, dv, and the attn_mask gradient (empty unless mask_grad)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const OptTensor& attn_mask,
-    const OptTensor& key_lengths, const OptTensor& rng_state, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p, bool mask_grad) {
+    const at::Tensor& out, const at::Tensor& lse, const Options& o, bool mask_grad) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("selfattn::attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-              const OptTensor&, double, int64_t, int64_t, bool, double, bool)>();
-  return op.call(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state, scale, window_left,
-                 window_right, bottom_right, dropout_p, mask_grad);
+              const OptTensor&, double, int64_t, int64_t, int64_t, double, const OptTensor&,
+              double, int64_t, int64_t, bool)>();
+  return op.call(dout, q, k, v, out, lse, o.attn_mask, o.key_lengths, o.rng_state, o.scale,
+                 o.window_left, o.window_right, o.diag_offset, o.dropout_p, o.alibi_slopes,
+                 o.softcap, o.q_start, o.k_start, mask_grad);
 }
 
 // -> probabilities (B, Hq, Sq, Sk)
 inline at::Tensor attention_probs(const at::Tensor& q, const at::Tensor& k, const OptTensor& lse,
-                                  const OptTensor& attn_mask, const OptTensor& key_lengths,
-                                  const OptTensor& rng_state, double scale, int64_t window_left,
-                                  int64_t window_right, bool bottom_right, double dropout_p) {
+                                  const Options& o) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("selfattn::attention_probs", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
                             const OptTensor&, const OptTensor&, const OptTensor&, double, int64_t,
-                            int64_t, bool, double)>();
-  return op.call(q, k, lse, attn_mask, key_lengths, rng_state, scale, window_left, window_right,
-                 bottom_right, dropout_p);
+                            int64_t, int64_t, double, const OptTensor&, double, int64_t,
+                            int64_t)>();
+  return op.call(q, k, lse, o.attn_mask, o.key_lengths, o.rng_state, o.scale, o.window_left,
+                 o.window_right, o.diag_offset, o.dropout_p, o.alibi_slopes, o.softcap,
+                 o.q_start, o.k_start);
 }
 
 // ---- convenience
@@ -92,9 +108,13 @@ inline at::Tensor attention_probs(const at::Tensor& q, const at::Tensor& k, cons
 inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             bool causal = false, const OptTensor& attn_mask = std::nullopt,
                             const OptTensor& key_lengths = std::nullopt) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  return std::get<0>(attention_forward(q, k, v, attn_mask, key_lengths, std::nullopt, scale, -1,
-                                       causal ? 0 : -1, true, 0.0));
+  Options o;
+  o.attn_mask = attn_mask;
+  o.key_lengths = key_lengths;
+  o.scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  o.window_right = causal ? 0 : -1;
+  o.diag_offset = k.size(1) - q.size(1);
+  return std::get<0>(attention_forward(q, k, v, o));
 }
 
 }  // namespace selfattn
