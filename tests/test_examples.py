@@ -1,5 +1,7 @@
 """The examples run as users run them: examples/train_gpt.py (selfattn vs
-torch attention from one seed, and its 2-process DDP variant) and the C++
+torch attention from one seed, and its 2-process DDP variant),
+examples/train_ring.py (the sequence sharded over 2 and 4 processes by
+torchrun, against one process) and the C++
 example examples/cpp (configured, built and run against the built ops;
 skipped without cmake or a compiled selfattn._C)."""
 from __future__ import annotations
@@ -58,6 +60,22 @@ def test_train_gpt_ddp(tmp_path):
     assert "ddp: 2 processes, parameters in sync" in out
     losses = json.loads(curves_file.read_text())["selfattn"]
     assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (4, "contiguous")])
+def test_train_ring_matches_one_process(tmp_path, world, layout):
+    """examples/train_ring.py under torchrun: the sequence sharded over `world`
+    CPU processes trains with the loss curve of one process."""
+    curves_file = tmp_path / "curves.json"
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={world}", str(EXAMPLES / "train_ring.py"), "--compare",
+                "--steps", "12", "--layout", layout, "--json", str(curves_file)], timeout=300)
+    assert "max |loss difference|" in out
+    curves = json.loads(curves_file.read_text())
+    ring, one = curves[f"ring ({world} ranks)"], curves["one process"]
+    assert len(ring) == len(one) == 12
+    assert max(abs(a - b) for a, b in zip(ring, one)) < 1e-3
+    assert ring[-1] < ring[0] - 0.3  # it learns
 
 
 def test_cpp_example(tmp_path):
