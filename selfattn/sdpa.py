@@ -20,10 +20,22 @@ torch.library.Library whose destruction restores torch's kernels:
   memory, the gradients over (B, S, H, D) memory), which torch.compile's
   fake kernels assume.
 
-Arguments selfattn does not take (dropout, which this backward could not
-regenerate without an rng state, head dims above 512, other dtypes) go to
-torch's own kernel, fetched before the override. A row that sees no key gives
-0 in both.
+- CUDA (when selfattn's CUDA backend is built): aten::_flash_attention_forward
+  and _flash_attention_backward ((B, S, H, D) tensors), and
+  _scaled_dot_product_flash_attention and its backward ((B, H, S, D)): the
+  ops torch's own FA3/FA4 registrations override, with their conventions:
+  FlashAttention's bottom-right alignment for is_causal and windows, GQA,
+  D != Dv, dropout (selfattn's (seed, offset) travels to the backward in the
+  (2,) uint64 rng_state output; `unused` is a uint64 zero), the logsumexp
+  (B, H, Sq) float32, an empty debug mask, results laid out as
+  torch.empty_like of the inputs.
+
+Arguments selfattn does not take go to torch's own kernel, fetched before the
+override: on CPU dropout (this backward could not regenerate the mask without
+an rng state), on CUDA packed variable-length batches (cum_seq_q/cum_seq_k),
+paged KV (block_table), ALiBi slopes and seqused_k (the backward op of
+torch's schema does not receive them), return_debug_mask; on both head dims
+above 512 and non-floating dtypes. A row that sees no key gives 0 in both.
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ import torch
 
 from . import ops
 from ._args import FLOAT_DTYPES, MAX_HEAD_DIM
+from .functional import rng_state
 
 __all__ = ["enable_sdpa", "disable_sdpa", "IMPL_NAME"]
 
@@ -42,11 +55,28 @@ _CPU_FORWARD = "_scaled_dot_product_flash_attention_for_cpu"
 _CPU_BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"
 
 
+_CUDA_FORWARD = "_flash_attention_forward"
+_CUDA_BACKWARD = "_flash_attention_backward"
+_CUDA_SDPA_FORWARD = "_scaled_dot_product_flash_attention"
+_CUDA_SDPA_BACKWARD = "_scaled_dot_product_flash_attention_backward"
+
+
 def _torch_kernel(name: str, device: str):
     """torch's own kernel of aten::`name` for `device`, callable with a keyset,
-    or None on torch versions without torch.library.get_kernel."""
+    or None where torch cannot hand it out (torch.library.get_kernel missing,
+    or no kernel for `device` in this build of torch)."""
     get_kernel = getattr(torch.library, "get_kernel", None)
-    return None if get_kernel is None else get_kernel(f"aten::{name}", device)
+    if get_kernel is None:
+        return None
+    try:
+        return get_kernel(f"aten::{name}", device)
+    except RuntimeError:
+        return None
+
+
+def _has_cuda_backend() -> bool:
+    """Whether this build of selfattn has CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("selfattn::attention_forward", "CUDA")
 
 
 def _refusal(query, key, value, dropout_p):
@@ -78,12 +108,96 @@ def _bshd(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t` laid out as torch.empty_like(ref) (what torch's meta kernels say);
+    `t` itself where the shapes differ (D != Dv, which torch's flash never sees)."""
+    if t.shape != ref.shape:
+        return t
+    result = torch.empty_like(ref)
+    if result.stride() == t.stride():
+        return t
+    return result.copy_(t)
+
+
 def _op_args(query, attn_mask, is_causal, scale):
     """(attn_mask, scale, window_right) in the ops' terms."""
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
         attn_mask = attn_mask.to(query.dtype)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return attn_mask, scale, 0 if is_causal else -1
+
+
+# ---------------------------------------------------------------------------
+# CUDA: torch's flash ops in selfattn's terms. `forward` and `backward` are the
+# ops to run (selfattn's, or the emulated backend's in tests/simt).
+
+def cuda_refusal(query, key, value, cum_seq_q=None, cum_seq_k=None, return_debug_mask=False,
+                 seqused_k=None, alibi_slopes=None, block_table=None):
+    """Why selfattn's kernels do not take these arguments of torch's CUDA
+    flash ops, or None when they do."""
+    if cum_seq_q is not None or cum_seq_k is not None:
+        return "packed variable-length batches (cum_seq_q, cum_seq_k)"
+    if block_table is not None:
+        return "a paged KV cache (block_table)"
+    if alibi_slopes is not None or seqused_k is not None:
+        return "alibi_slopes or seqused_k (the backward op does not receive them)"
+    if return_debug_mask:
+        return "return_debug_mask=True"
+    return _refusal(query, key, value, 0.0)
+
+
+def _cuda_window(is_causal, window_size_left, window_size_right):
+    left = -1 if window_size_left is None or window_size_left < 0 else int(window_size_left)
+    right = -1 if window_size_right is None or window_size_right < 0 else int(window_size_right)
+    return left, 0 if is_causal else right
+
+
+def flash_forward(forward, query, key, value, dropout_p, is_causal, scale=None,
+                  window_size_left=None, window_size_right=None):
+    """aten::_flash_attention_forward on (B, S, H, D) tensors:
+    (out, logsumexp, rng_state, unused, debug_attn_mask)."""
+    left, right = _cuda_window(is_causal, window_size_left, window_size_right)
+    scale_ = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    rng = rng_state(dropout_p, query.device)
+    out, lse = forward(query, key, value, None, None, rng, scale_, left, right,
+                       key.shape[1] - query.shape[1], dropout_p, None, 0.0, 0, 0)
+    seed_offset = rng.view(torch.uint64) if rng is not None else \
+        torch.zeros(2, dtype=torch.uint64, device=query.device)
+    unused = torch.zeros((), dtype=torch.uint64, device=query.device)
+    debug = torch.empty(0, dtype=query.dtype, device=query.device)
+    return _like(query, out), lse, seed_offset, unused, debug
+
+
+def flash_backward(backward, grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
+                   rng_state_, scale=None, window_size_left=None, window_size_right=None):
+    """aten::_flash_attention_backward on (B, S, H, D) tensors: (dq, dk, dv)."""
+    left, right = _cuda_window(is_causal, window_size_left, window_size_right)
+    scale_ = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    rng = rng_state_.view(torch.int64) if dropout_p > 0.0 else None
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv, _ = backward(grad_out, query, key, value, out, logsumexp.contiguous(), None, None,
+                             rng, scale_, left, right, key.shape[1] - query.shape[1], dropout_p,
+                             None, 0.0, 0, 0, False)
+    return _like(query, dq), _like(key, dk), _like(value, dv)
+
+
+def sdpa_flash_forward(forward, query, key, value, dropout_p=0.0, is_causal=False, scale=None):
+    """aten::_scaled_dot_product_flash_attention on (B, H, S, D) tensors."""
+    out, lse, seed_offset, unused, debug = flash_forward(
+        forward, _bshd(query), _bshd(key), _bshd(value), dropout_p, is_causal, scale)
+    return (_like(query, out.transpose(1, 2)), lse, None, None, query.shape[2], key.shape[2],
+            seed_offset, unused, debug)
+
+
+def sdpa_flash_backward(backward, grad_out, query, key, value, out, logsumexp, dropout_p,
+                        is_causal, philox_seed, scale=None):
+    """aten::_scaled_dot_product_flash_attention_backward on (B, H, S, D) tensors."""
+    dq, dk, dv = flash_backward(backward, _bshd(grad_out), _bshd(query), _bshd(key),
+                                _bshd(value), _bshd(out), logsumexp, dropout_p, is_causal,
+                                philox_seed, scale)
+    return (_like(query, dq.transpose(1, 2)), _like(key, dk.transpose(1, 2)),
+            _like(value, dv.transpose(1, 2)))
 
 
 class _Handle:
@@ -104,13 +218,7 @@ class _Handle:
             mask, scale_, right = _op_args(query, attn_mask, is_causal, scale)
             out, lse = ops.forward_op(_bshd(query), _bshd(key), _bshd(value), mask, None, None,
                                       scale_, -1, right, 0, 0.0, None, 0.0, 0, 0)
-            out = out.transpose(1, 2)
-            result = torch.empty_like(query)
-            if result.stride() == out.stride():
-                result = out
-            else:
-                result.copy_(out)
-            return result, lse.transpose(1, 2).contiguous().transpose(1, 2)
+            return _like(query, out.transpose(1, 2)), lse.transpose(1, 2).contiguous().transpose(1, 2)
 
         def backward(keyset, grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
                      *, attn_mask=None, scale=None):
@@ -130,6 +238,66 @@ class _Handle:
             warnings.simplefilter("ignore", UserWarning)
             self._lib.impl(_CPU_FORWARD, forward, "CPU", with_keyset=True)
             self._lib.impl(_CPU_BACKWARD, backward, "CPU", with_keyset=True)
+            if _has_cuda_backend():
+                self._register_cuda()
+
+    def _register_cuda(self) -> None:
+        torch_fwd, torch_bwd, torch_sdpa_fwd, torch_sdpa_bwd = (
+            _torch_kernel(name, "CUDA")
+            for name in (_CUDA_FORWARD, _CUDA_BACKWARD, _CUDA_SDPA_FORWARD, _CUDA_SDPA_BACKWARD))
+
+        def forward(keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+                    is_causal, return_debug_mask, *, scale=None, window_size_left=None,
+                    window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
+                    num_splits=None):
+            reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k, return_debug_mask,
+                                  seqused_k, alibi_slopes, block_table)
+            if reason is not None:
+                return _torch_or_refuse(torch_fwd, reason).call_boxed(
+                    keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+                    is_causal, return_debug_mask, scale=scale, window_size_left=window_size_left,
+                    window_size_right=window_size_right, seqused_k=seqused_k,
+                    alibi_slopes=alibi_slopes, block_table=block_table, num_splits=num_splits)
+            return flash_forward(ops.forward_op, query, key, value, dropout_p, is_causal, scale,
+                                 window_size_left, window_size_right)
+
+        def backward(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
+                     max_q, max_k, dropout_p, is_causal, rng_state_, unused, *, scale=None,
+                     window_size_left=None, window_size_right=None):
+            reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k)
+            if reason is not None:
+                return _torch_or_refuse(torch_bwd, reason).call_boxed(
+                    keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
+                    max_q, max_k, dropout_p, is_causal, rng_state_, unused, scale=scale,
+                    window_size_left=window_size_left, window_size_right=window_size_right)
+            return flash_backward(ops.backward_op, grad_out, query, key, value, out, logsumexp,
+                                  dropout_p, is_causal, rng_state_, scale, window_size_left,
+                                  window_size_right)
+
+        def sdpa_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False,
+                         return_debug_mask=False, *, scale=None):
+            reason = cuda_refusal(query, key, value, return_debug_mask=return_debug_mask)
+            if reason is not None:
+                return _torch_or_refuse(torch_sdpa_fwd, reason).call_boxed(
+                    keyset, query, key, value, dropout_p, is_causal, return_debug_mask,
+                    scale=scale)
+            return sdpa_flash_forward(ops.forward_op, query, key, value, dropout_p, is_causal,
+                                      scale)
+
+        def sdpa_backward(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q,
+                          cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed,
+                          philox_offset, *, scale=None):
+            reason = cuda_refusal(query, key, value)
+            if reason is not None:
+                return _torch_or_refuse(torch_sdpa_bwd, reason).call_boxed(
+                    keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
+                    max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset, scale=scale)
+            return sdpa_flash_backward(ops.backward_op, grad_out, query, key, value, out,
+                                       logsumexp, dropout_p, is_causal, philox_seed, scale)
+
+        for name, fn in ((_CUDA_FORWARD, forward), (_CUDA_BACKWARD, backward),
+                         (_CUDA_SDPA_FORWARD, sdpa_forward), (_CUDA_SDPA_BACKWARD, sdpa_backward)):
+            self._lib.impl(name, fn, "CUDA", with_keyset=True)
 
     def remove(self) -> None:
         if self._lib is not None:

@@ -423,3 +423,45 @@ def test_runs_on_the_device_of_the_data():
     ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
     assert out.device == q.device and q.grad.device == q.device
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# selfattn as torch's SDPA flash kernel on CUDA (selfattn/sdpa.py, issue 15)
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_flash_override(dtype, causal):
+    """Unmodified F.scaled_dot_product_attention under
+    sdpa_kernel(FLASH_ATTENTION) runs selfattn's op while it is active and
+    matches the float64 math within the bound, forward and gradients, and
+    under torch.compile(fullgraph=True)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from selfattn.testing import assert_close_to_golden
+
+    q, k, v, dout = (torch.randn(2, 4, 256, 64, device="cuda", dtype=dtype) for _ in range(4))
+
+    def run(fn, dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out = fn(*xs)
+        return [out.detach()] + list(torch.autograd.grad(out, xs, dout.to(dt)))
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+
+    golden = run(sdpa, torch.float64)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        lowp = run(sdpa, dtype)  # torch's own flash kernel: the same-dtype reference
+        selfattn.enable_sdpa()
+        try:
+            with torch.profiler.profile() as prof:
+                ours = run(sdpa, dtype)
+            compiled = run(torch.compile(sdpa, fullgraph=True), dtype)
+        finally:
+            selfattn.disable_sdpa()
+    names = {e.name for e in prof.events()}
+    assert {"selfattn::attention_forward", "selfattn::attention_backward"} <= names
+    for result in (ours, compiled):
+        for name, o, lp, g in zip(("out", "dq", "dk", "dv"), result, lowp, golden):
+            assert_close_to_golden(f"sdpa override {name}", o, lp, g)

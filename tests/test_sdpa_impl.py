@@ -7,6 +7,9 @@ reference), keep torch's output layouts, work under torch.compile, autocast
 and sdpa_kernel(FLASH_ATTENTION); restore returns to torch's kernel; models
 that call SDPA (torch's MultiheadAttention and encoder layer, a Hugging Face
 model with attn_implementation="sdpa") give the same results either way.
+CUDA: the overrides of torch's CUDA flash ops are registered and removed
+with the CPU ones (their values run under the emulator:
+tests/simt/test_simt_sdpa.py), and their refusals name the argument.
 """
 import pytest
 import torch
@@ -163,6 +166,45 @@ def test_what_selfattn_does_not_take_runs_torchs_kernel(active):
         torch.manual_seed(3)
         results.append(F.scaled_dot_product_attention(q, q, q, dropout_p=0.5))
     assert torch.equal(*results)
+
+
+def _cuda_kernel_source(op):
+    """Where the CUDA kernel torch dispatches aten::`op` to was registered."""
+    line = next(ln for ln in torch._C._dispatch_dump(f"aten::{op}").splitlines()
+                if ln.startswith("CUDA:"))
+    return line.split("registered at ", 1)[1]
+
+
+@pytest.mark.skipif(not (torch.version.cuda and selfattn.sdpa._has_cuda_backend()),
+                    reason="selfattn built without its CUDA backend")
+def test_cuda_flash_ops_overridden_and_restored():
+    """The CUDA flash ops point at selfattn's closures while active and at
+    torch's kernels after (their values run under the emulator: tests/simt)."""
+    names = ("_flash_attention_forward", "_flash_attention_backward",
+             "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_backward")
+    before = {n: _cuda_kernel_source(n) for n in names}
+    assert not any("selfattn" in src for src in before.values())
+    selfattn.enable_sdpa()
+    try:
+        assert all("selfattn/sdpa.py" in _cuda_kernel_source(n) for n in names)
+    finally:
+        selfattn.disable_sdpa()
+    assert {n: _cuda_kernel_source(n) for n in names} == before
+
+
+def test_cuda_refusals_name_the_argument():
+    q = torch.empty(1, 4, 2, 16, dtype=torch.float16)
+    assert selfattn.sdpa.cuda_refusal(q, q, q) is None
+    offsets = torch.tensor([0, 4], dtype=torch.int32)
+    for kw, words in ((dict(cum_seq_q=offsets, cum_seq_k=offsets), "cum_seq_q"),
+                      (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+                      (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+                      (dict(seqused_k=torch.tensor([3], dtype=torch.int32)), "seqused_k"),
+                      (dict(return_debug_mask=True), "return_debug_mask")):
+        assert words in selfattn.sdpa.cuda_refusal(q, q, q, **kw)
+    wide = torch.empty(1, 4, 2, 600, dtype=torch.float16)
+    assert "head dims" in selfattn.sdpa.cuda_refusal(wide, wide, wide)
 
 
 def test_row_that_sees_no_key_gives_zero_as_torch(active):
