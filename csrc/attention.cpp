@@ -3,6 +3,7 @@
 #include "attention.h"
 
 #include <limits>
+#include <vector>
 
 namespace selfattn {
 namespace {
@@ -287,6 +288,141 @@ at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tenso
   p.lse = lse_buf.data_ptr();
   backend.probs(p, probs.data_ptr(), !lse.has_value(), q.scalar_type());
   return probs;
+}
+
+// ---------------------------------------------------------------------------
+// Packed variable-length batches: sequence b is rows [cu_q[b], cu_q[b + 1]) of
+// q (Tq, Hq, D) and rows [cu_k[b], cu_k[b + 1]) of k, v (Tk, Hkv, D|Dv), its
+// first seqused_k[b] keys only when given. Each sequence runs the backend's
+// kernels as a batch of one on views of the packed tensors, causal and
+// windows aligned bottom-right per sequence (FlashAttention's varlen), its
+// dropout drawn at its packed row positions (q_start, k_start), so that no
+// two sequences share a mask.
+
+namespace {
+
+struct Sequence {
+  int64_t q0, q_len, k0, k_len;
+};
+
+std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t total) {
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 &&
+                  (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              "selfattn: ", name, " must be a 1-D int32 or int64 tensor of N + 1 offsets, got ",
+              cu.scalar_type(), " of shape ", cu.sizes());
+  const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();
+  std::vector<int64_t> v(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  TORCH_CHECK(v.front() == 0, "selfattn: ", name, " must start at 0, got ", v.front());
+  for (size_t i = 1; i < v.size(); ++i) {
+    TORCH_CHECK(v[i] >= v[i - 1], "selfattn: ", name, " must not decrease, got ", v[i - 1],
+                " then ", v[i], " at ", i);
+  }
+  TORCH_CHECK(v.back() == total, "selfattn: ", name, " must end at the packed length ", total,
+              ", got ", v.back());
+  return v;
+}
+
+std::vector<Sequence> sequences(const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& cu_q, const at::Tensor& cu_k,
+                                const std::optional<at::Tensor>& seqused_k) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "selfattn: varlen q and k must be 3-D (T, H, D), "
+              "got ", q.dim(), "-D and ", k.dim(), "-D");
+  const auto oq = offsets(cu_q, "cu_seq_q", q.size(0));
+  const auto ok = offsets(cu_k, "cu_seq_k", k.size(0));
+  TORCH_CHECK(oq.size() == ok.size(), "selfattn: cu_seq_q and cu_seq_k must describe one "
+              "number of sequences, got ", oq.size() - 1, " and ", ok.size() - 1);
+  const int64_t n = int64_t(oq.size()) - 1;
+  std::vector<int64_t> used;
+  if (seqused_k.has_value()) {
+    const at::Tensor& u = *seqused_k;
+    TORCH_CHECK(u.dim() == 1 && u.size(0) == n &&
+                    (u.scalar_type() == at::kInt || u.scalar_type() == at::kLong),
+                "selfattn: seqused_k must be a 1-D int32 or int64 tensor of ", n,
+                " lengths, got ", u.scalar_type(), " of shape ", u.sizes());
+    const at::Tensor host = u.to(at::kCPU, at::kLong).contiguous();
+    used.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + n);
+  }
+  std::vector<Sequence> seqs;
+  for (int64_t b = 0; b < n; ++b) {
+    int64_t k_len = ok[b + 1] - ok[b];
+    if (!used.empty()) {
+      TORCH_CHECK(used[b] >= 0 && used[b] <= k_len, "selfattn: seqused_k[", b, "] = ", used[b],
+                  " must lie in [0, ", k_len, "], the sequence's keys");
+      k_len = used[b];
+    }
+    seqs.push_back({oq[b], oq[b + 1] - oq[b], ok[b], k_len});
+  }
+  return seqs;
+}
+
+// Sequence s of a packed (T, H, X) tensor as a (1, len, H, X) view.
+at::Tensor rows(const at::Tensor& t, int64_t start, int64_t len) {
+  return t.narrow(0, start, len).unsqueeze(0);
+}
+
+OpArgs sequence_args(const Sequence& s, const std::optional<at::Tensor>& none,
+                     const std::optional<at::Tensor>& rng_state, double scale, int64_t wl,
+                     int64_t wr, double dropout_p) {
+  return OpArgs{none, none, rng_state, scale, wl, wr, s.k_len - s.q_len, dropout_p, none, 0.0,
+                s.q0, s.k0};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
+    const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p) {
+  const auto seqs = sequences(q, k, cu_q, cu_k, seqused_k);
+  TORCH_CHECK(v.dim() == 3, "selfattn: varlen v must be 3-D (T, H, Dv), got ", v.dim(), "-D");
+  const int64_t Tq = q.size(0), Hq = q.size(1), Dv = v.size(2);
+  auto out = at::zeros({Tq, Hq, Dv}, q.options());
+  auto lse = at::full({Hq, Tq}, -std::numeric_limits<double>::infinity(),
+                      q.options().dtype(acc_dtype(q.scalar_type())));
+  const std::optional<at::Tensor> none;
+  for (const Sequence& s : seqs) {
+    if (s.q_len == 0) continue;
+    auto [o, l] = forward_op(backend, rows(q, s.q0, s.q_len), rows(k, s.k0, s.k_len),
+                             rows(v, s.k0, s.k_len),
+                             sequence_args(s, none, rng_state, scale, window_left, window_right,
+                                           dropout_p));
+    out.narrow(0, s.q0, s.q_len).copy_(o[0]);
+    lse.narrow(1, s.q0, s.q_len).copy_(l[0]);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
+    const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p) {
+  const auto seqs = sequences(q, k, cu_q, cu_k, seqused_k);
+  TORCH_CHECK(v.dim() == 3 && dout.dim() == 3 && out.dim() == 3 && lse.dim() == 2,
+              "selfattn: varlen backward needs 3-D v, dout, out and 2-D lse");
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.size(0) == q.size(0) &&
+                  lse.size(0) == q.size(1) && lse.size(1) == q.size(0),
+              "selfattn: varlen dout and out must be (Tq, Hq, Dv), lse (Hq, Tq)");
+  auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  const std::optional<at::Tensor> none;
+  for (const Sequence& s : seqs) {
+    if (s.q_len == 0 || s.k_len == 0) continue;
+    auto grads = backward_op(backend, rows(dout, s.q0, s.q_len), rows(q, s.q0, s.q_len),
+                             rows(k, s.k0, s.k_len), rows(v, s.k0, s.k_len),
+                             rows(out, s.q0, s.q_len),
+                             lse.narrow(1, s.q0, s.q_len).unsqueeze(0).contiguous(),
+                             sequence_args(s, none, rng_state, scale, window_left, window_right,
+                                           dropout_p),
+                             false);
+    dq.narrow(0, s.q0, s.q_len).copy_(std::get<0>(grads)[0]);
+    dk.narrow(0, s.k0, s.k_len).copy_(std::get<1>(grads)[0]);
+    dv.narrow(0, s.k0, s.k_len).copy_(std::get<2>(grads)[0]);
+  }
+  return {dq, dk, dv};
 }
 
 }  // namespace selfattn

@@ -46,7 +46,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
 at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tensor& k,
                     const std::optional<at::Tensor>& lse, const OpArgs& a);
 
-// Registers the three ops of `backend` for a dispatch key (used by the
+// Packed variable-length batches (attention.cpp): q (Tq, Hq, D), k (Tk, Hkv, D),
+// v (Tk, Hkv, Dv), offsets cu_q/cu_k (N + 1,) -> out (Tq, Hq, Dv), lse (Hq, Tq).
+std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
+    const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
+    const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p);
+
+// Registers the ops of `backend` for a dispatch key (used by the
 // TORCH_LIBRARY_IMPL blocks of the CPU and CUDA files).
 #define SELFATTN_OP_ARGS                                                                       \
   const std::optional<at::Tensor>&mask, const std::optional<at::Tensor>&kl,                    \
@@ -54,6 +69,10 @@ at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tenso
       double p, const std::optional<at::Tensor>&slopes, double softcap, int64_t q0, int64_t k0
 #define SELFATTN_OP_ARGS_STRUCT \
   ::selfattn::OpArgs { mask, kl, rng, scale, wl, wr, off, p, slopes, softcap, q0, k0 }
+
+#define SELFATTN_VARLEN_ARGS                                                                  \
+  const std::optional<at::Tensor>&used, const std::optional<at::Tensor>&rng, double scale,    \
+      int64_t wl, int64_t wr, double p
 
 #define SELFATTN_REGISTER_BACKEND(m, backend)                                                 \
   m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k,                   \
@@ -70,6 +89,19 @@ at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tenso
   m.impl("attention_probs", [](const at::Tensor& q, const at::Tensor& k,                     \
                                const std::optional<at::Tensor>& lse, SELFATTN_OP_ARGS) {     \
     return ::selfattn::probs_op(backend, q, k, lse, SELFATTN_OP_ARGS_STRUCT);               \
-  })
+  });                                                                                         \
+  m.impl("varlen_forward",                                                                   \
+         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                   \
+            const at::Tensor& cu_q, const at::Tensor& cu_k, SELFATTN_VARLEN_ARGS) {          \
+           return ::selfattn::varlen_forward_op(backend, q, k, v, cu_q, cu_k, used, rng, scale, \
+                                                wl, wr, p);                                   \
+         });                                                                                  \
+  m.impl("varlen_backward",                                                                  \
+         [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,                \
+            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,               \
+            const at::Tensor& cu_q, const at::Tensor& cu_k, SELFATTN_VARLEN_ARGS) {          \
+           return ::selfattn::varlen_backward_op(backend, dout, q, k, v, out, lse, cu_q, cu_k, \
+                                                 used, rng, scale, wl, wr, p);                \
+         })
 
 }  // namespace selfattn

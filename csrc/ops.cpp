@@ -36,4 +36,17 @@ TORCH_LIBRARY(selfattn, m) {
       "Tensor? key_lengths, Tensor? rng_state, float scale, int window_left, "
       "int window_right, int diag_offset, float dropout_p, Tensor? alibi_slopes=None, "
       "float softcap=0.0, int q_start=0, int k_start=0) -> Tensor");
+  // Packed variable-length batches: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv),
+  // sequence b = rows cu_seq_q[b]..cu_seq_q[b+1] of q and cu_seq_k[b]..cu_seq_k[b+1]
+  // of k and v (its first seqused_k[b] keys when given); windows and causal
+  // (window_right 0) aligned bottom-right per sequence.
+  // -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 (float64 for float64 inputs)
+  m.def(
+      "varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seq_q, Tensor cu_seq_k, "
+      "Tensor? seqused_k, Tensor? rng_state, float scale, int window_left, "
+      "int window_right, float dropout_p) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seq_q, Tensor cu_seq_k, Tensor? seqused_k, Tensor? rng_state, float scale, "
+      "int window_left, int window_right, float dropout_p) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

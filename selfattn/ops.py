@@ -55,6 +55,8 @@ importlib.import_module(f"selfattn.{CPU_KERNELS}")
 forward_op = torch.ops.selfattn.attention_forward.default
 backward_op = torch.ops.selfattn.attention_backward.default
 probs_op = torch.ops.selfattn.attention_probs.default
+varlen_forward_op = torch.ops.selfattn.varlen_forward.default
+varlen_backward_op = torch.ops.selfattn.varlen_backward.default
 
 
 def _lse_dtype(q):
@@ -134,10 +136,51 @@ torch.library.register_autograd("selfattn::attention_forward", _backward,
                                 setup_context=_setup_context)
 
 
+@torch.library.register_fake("selfattn::varlen_forward")
+def _varlen_forward_fake(q, k, v, cu_seq_q, cu_seq_k, seqused_k, rng_state, scale, window_left,
+                         window_right, dropout_p):
+    _same_device(q, k=k, v=v, cu_seq_q=cu_seq_q, cu_seq_k=cu_seq_k, seqused_k=seqused_k,
+                 rng_state=rng_state)
+    Tq, Hq, _ = q.shape
+    return q.new_empty((Tq, Hq, v.shape[2])), q.new_empty((Hq, Tq), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("selfattn::varlen_backward")
+def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state,
+                          scale, window_left, window_right, dropout_p):
+    _same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seq_q=cu_seq_q,
+                 cu_seq_k=cu_seq_k, seqused_k=seqused_k, rng_state=rng_state)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seq_q, cu_seq_k, seqused_k, rng_state, *scalars = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state)
+    ctx.scalars = scalars  # scale, window_left, window_right, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    if torch.is_grad_enabled():
+        raise RuntimeError("selfattn.varlen_attention: double backward (create_graph=True) is "
+                           "not supported")
+    q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = varlen_backward_op(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k,
+                                    rng_state, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * 8
+
+
+torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+
+
 # The backward and probabilities ops are not differentiable (no double
 # backward; attention weights carry no gradient): their outputs never require grad.
 _lib = torch.library.Library("selfattn", "IMPL")
-for _name in ("attention_backward", "attention_probs"):
+for _name in ("attention_backward", "attention_probs", "varlen_backward"):
     _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 
