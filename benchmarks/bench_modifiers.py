@@ -18,6 +18,7 @@ target: under 10% at S >= 1024, D = 64 and 128) and peak memory against
 
     python benchmarks/bench_modifiers.py                  # the grid below
     python benchmarks/bench_modifiers.py --quick          # one point
+    python benchmarks/bench_modifiers.py --lengths 1024   # S = 1024 only
     python benchmarks/bench_modifiers.py --out results.md
 """
 from __future__ import annotations
@@ -120,13 +121,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one point")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per point")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
+                    help="sequence lengths S of the grid")
     ap.add_argument("--out", help="also write the table to this file")
     a = ap.parse_args()
     if a.quick:
         points = [(torch.float32, 1024, 64, True, False)]
     else:
         points = [(dt, S, D, causal, bwd) for dt in (torch.float32, torch.bfloat16)
-                  for S in (1024, 2048) for D in (64, 128) for causal in (True, False)
+                  for S in a.lengths for D in (64, 128) for causal in (True, False)
                   for bwd in (False, True)]
     table = report(run(points, a.rounds))
     print(table)

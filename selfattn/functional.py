@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import reference
 from ._args import attention_args, sdpa_to_attention
-from .errors import ArgumentError
+from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["attention", "scaled_dot_product_attention", "attention_weights"]
 
@@ -163,19 +163,58 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (torch.nn.attention.bias.causal_upper_left / causal_lower_right) run as the
     kernel's causal flag with their alignment. A query row that sees no key
     returns 0. Inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH) it runs
-    selfattn.reference's math instead of the fused kernel.
+    selfattn.reference's math instead of the fused kernel. Jagged nested
+    tensors (B, H, j, D) (torch.nested, layout=torch.jagged) run the packed
+    varlen kernels (selfattn.varlen_attention), forward and backward.
     """
+    fn = "selfattn.scaled_dot_product_attention"
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        return _jagged_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                            enable_gqa)
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if math_only():
         return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                                       is_causal, scale, enable_gqa)
-    fn = "selfattn.scaled_dot_product_attention"
     q, k, v, kw, unflatten = sdpa_to_attention(fn, query, key, value, attn_mask, dropout_p,
                                                is_causal, scale, enable_gqa)
     out, _ = _attention(fn, ("query", "key", "value"), q, k, v, kw["causal"],
                         kw["causal_alignment"], None, kw["scale"], kw["attn_mask"], None,
                         kw["dropout_p"], None)
     return unflatten(out)
+
+
+def _jagged_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """SDPA on jagged nested tensors (B, H, j, D) (torch.nested, layout=torch.jagged, the
+    sequence dim ragged): the packed values and offsets go to varlen_attention."""
+    from .varlen import varlen_attention
+
+    packed = []
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not (isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged
+                and t.dim() == 4 and t._ragged_idx == 2):
+            raise ArgumentTypeError(
+                f"{fn}: with nested tensors, query, key and value must all be jagged "
+                f"(layout=torch.jagged) of shape (B, H, j, D) with the sequence dim ragged; "
+                f"{name} is not")
+        bshd = t.transpose(1, 2)  # (B, j, H, D): values (T, H, D), offsets (B + 1,)
+        packed.append((bshd.values(), bshd.offsets()))
+    if attn_mask is not None:
+        raise ArgumentError(f"{fn}: attn_mask is not supported with nested tensors (as in torch)")
+    (q, cu_q), (k, cu_k), (v, cu_v) = packed
+    if cu_v is not cu_k and not torch.equal(cu_v, cu_k):
+        raise ArgumentError(f"{fn}: key and value must have the same sequence lengths")
+    same = cu_k is cu_q or torch.equal(cu_k, cu_q)
+    if is_causal and not same:
+        raise ArgumentError(
+            f"{fn}: is_causal with query and key lengths that differ per sequence is not "
+            "supported with nested tensors (torch aligns it top-left, selfattn's packed "
+            "kernels bottom-right)")
+    lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+    out = varlen_attention(q, k, v, cu_q, cu_k, int(lengths_q.max()) if len(lengths_q) else 0,
+                           int(lengths_k.max()) if len(lengths_k) else 0, scale=scale,
+                           window_size=(-1, 0) if is_causal else (-1, -1),
+                           enable_gqa=enable_gqa, dropout_p=dropout_p)
+    return torch.nested.nested_tensor_from_jagged(out, cu_q).transpose(1, 2)
 
 
 def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", window=None,

@@ -197,8 +197,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         features; weights (N, L, S') averaged or (N, num_heads, L, S') (S' = S
         plus bias_k and zero-attention keys), without the batch dim for
         unbatched input, or None when need_weights is False. Queries that see no
-        key give 0. Nested tensors are refused (torch takes them only on its
-        inference fast path, which this layer does not have).
+        key give 0. Jagged nested tensors (torch.nested, layout=torch.jagged,
+        (N, j, E), batch_first) run the packed varlen kernels in training and
+        inference (torch takes nested inputs only on its inference fast
+        path), with need_weights=False and no masks.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -207,9 +209,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         fn = "selfattn.nn.MultiheadAttention"
         if query.is_nested or key.is_nested or value.is_nested:
-            raise ArgumentTypeAssertionError(
-                f"{fn}: nested tensor inputs are not supported; pad them (to_padded_tensor) "
-                "and pass key_padding_mask")
+            if torch.jit.is_scripting():
+                raise ArgumentTypeAssertionError(
+                    f"{fn}: nested tensor inputs are not supported in TorchScript")
+            return self._jagged_forward(fn, query, key, value, key_padding_mask, need_weights,
+                                        attn_mask)
         dropout_p = float(self.dropout) if self.training else 0.0
         if not torch.jit.is_scripting():
             _check_eager(fn, self, key_padding_mask, attn_mask, dropout_p)
@@ -364,6 +368,47 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                     f"{fn}: attn_mask must have shape (L, S) = {two_d} or (N * num_heads, L, S) "
                     f"= {three_d}, got {shape}")
         return batched
+
+    @torch.jit.unused
+    def _jagged_forward(self, fn: str, query: Tensor, key: Tensor, value: Tensor,
+                        key_padding_mask: Optional[Tensor], need_weights: bool,
+                        attn_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Jagged nested (N, j, E) inputs (batch_first): projections on the
+        packed values, attention by selfattn.varlen_attention, the output
+        nested like query. No masks, weights or appended keys."""
+        from .varlen import varlen_attention
+
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not (t.is_nested and t.layout == torch.jagged and t.dim() == 3
+                    and t._ragged_idx == 1):
+                raise ArgumentTypeAssertionError(
+                    f"{fn}: with nested tensors, query, key and value must all be jagged "
+                    f"(layout=torch.jagged) of shape (N, j, E) with the sequence dim ragged; "
+                    f"{name} is not")
+        if not self.batch_first:
+            raise ArgumentAssertionError(f"{fn}: nested tensor inputs need batch_first=True")
+        if need_weights or key_padding_mask is not None or attn_mask is not None:
+            raise ArgumentAssertionError(
+                f"{fn}: with nested tensors pass need_weights=False and no key_padding_mask "
+                "or attn_mask (the jagged lengths are the padding)")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ArgumentAssertionError(
+                f"{fn}: nested tensor inputs do not support bias_k/bias_v or add_zero_attn")
+        values = {}
+        for t in (query, key, value):  # one packed tensor per distinct input (self-attention)
+            values.setdefault(id(t), t.values())
+        qv, kv, vv = (values[id(t)] for t in (query, key, value))
+        q, k, v = self._project(qv.unsqueeze(0), kv.unsqueeze(0), vv.unsqueeze(0))
+        H, D = self.num_heads, self.head_dim
+        cu_q, cu_k = query.offsets(), key.offsets()
+        if value.offsets() is not cu_k and not torch.equal(value.offsets(), cu_k):
+            raise ArgumentAssertionError(f"{fn}: key and value must have the same lengths")
+        out = varlen_attention(q[0].unflatten(-1, [H, D]), k[0].unflatten(-1, [H, D]),
+                               v[0].unflatten(-1, [H, D]), cu_q, cu_k,
+                               int(cu_q.diff().max()), int(cu_k.diff().max()),
+                               dropout_p=float(self.dropout) if self.training else 0.0)
+        out = self.out_proj(out.flatten(1))
+        return torch.nested.nested_tensor_from_jagged(out, cu_q), None
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """In-projections of (N, L|S, *) inputs to (N, L|S, E); self-attention

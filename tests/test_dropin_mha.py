@@ -8,7 +8,8 @@ torch's module (same weights) as the oracle:
   does not read attn_mask (any 2-D or 3-D shape is accepted), elsewhere it
   checks it;
 - an in_proj_bias of another dtype than the weights, in both directions;
-- nested tensors refused with an AssertionError, as torch outside its fast path;
+- jagged nested tensors run the packed kernels (need_weights=False); the
+  nested inputs selfattn does not take raise an AssertionError, as torch;
   masks that are not plain dense tensors on the query's device (a CausalBias,
   a meta or sparse tensor, a list), head dims above 512 and dropout 1 refused
   with a clear error (never a kernel reading garbage);
@@ -199,15 +200,20 @@ def test_jit_trace_follows_the_mask():
                                    ours(x, x, x, key_padding_mask=kpm)[0])
 
 
-def test_nested_tensors_are_refused():
-    """torch asserts outside its inference fast path; selfattn has no such path."""
+def test_nested_tensors_outside_what_selfattn_takes_are_refused():
+    """torch asserts outside its inference fast path. selfattn runs jagged
+    nested inputs with need_weights=False (tests/test_varlen.py) and asserts,
+    as torch, for the rest: weights, masks, strided nested tensors."""
     theirs, ours = _pair(4, 4, batch_first=True)
     nt = torch.nested.nested_tensor([torch.randn(4, 4), torch.randn(2, 4)], layout=torch.jagged)
     for module in (theirs, ours):
         with pytest.raises(AssertionError, match="(?i)nested"):
             module(nt, nt, nt)
-    with pytest.raises(TypeError, match="nested tensor inputs are not supported"):
-        ours(nt, nt, nt)
+    strided = torch.nested.nested_tensor([torch.randn(4, 4), torch.randn(2, 4)])
+    with pytest.raises(TypeError, match="must all be jagged"):
+        ours(strided, strided, strided, need_weights=False)
+    with pytest.raises(AssertionError, match="key_padding_mask"):
+        ours(nt, nt, nt, need_weights=False, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ selfattn.reference, which shares selfattn's argument parsing):
   and against the kernel's own causal flag with the matching alignment;
 - each error case of torch's SDPA tests raises torch's exception type (and
   selfattn's documented ValueError/TypeError);
-- nested and sparse inputs are refused with a clear message;
+- jagged nested inputs run the packed kernels; strided nested and sparse
+  inputs are refused with a clear message;
 - sdpa_kernel(SDPBackend.MATH) runs the reference math, other backend
   choices the fused kernel;
 - under torch.autocast it runs in the autocast dtype, as torch's;
@@ -218,11 +219,16 @@ def test_errors_name_query_key_value():
                                               enable_gqa=True)
 
 
-def test_nested_and_sparse_inputs_are_refused():
-    nt = torch.nested.nested_tensor([torch.randn(3, 2, 8), torch.randn(5, 2, 8)],
-                                    layout=torch.jagged).transpose(1, 2)
-    with pytest.raises(TypeError, match="query is a nested tensor"):
-        selfattn.scaled_dot_product_attention(nt, nt, nt)
+def test_unsupported_nested_and_sparse_inputs_are_refused():
+    """Jagged nested tensors run (tests/test_varlen.py); strided nested ones, a
+    mix of nested and dense, and sparse masks are refused clearly."""
+    parts = [torch.randn(3, 2, 8), torch.randn(5, 2, 8)]
+    jagged = torch.nested.nested_tensor(parts, layout=torch.jagged).transpose(1, 2)
+    strided = torch.nested.nested_tensor(parts).transpose(1, 2)
+    dense = torch.randn(2, 2, 5, 8)
+    for q, k in ((strided, strided), (jagged, dense)):
+        with pytest.raises(TypeError, match="must all be jagged"):
+            selfattn.scaled_dot_product_attention(q, k, k)
     q, k, v = _qkv(1, 2, 2, 4, 4, requires_grad=False)
     with pytest.raises(TypeError, match="attn_mask must be a dense"):
         selfattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(4, 4).to_sparse())

@@ -192,3 +192,54 @@ def test_bad_input_names_the_argument():
     for kw, exc, words in cases:
         with pytest.raises(exc, match=words):
             call(**kw)
+
+
+# ---------------------------------------------------------------------------
+# Jagged nested tensors (torch.nested, layout=torch.jagged) in the drop-ins,
+# against torch's own SDPA and MultiheadAttention run sequence by sequence.
+
+def _jagged(lengths, E, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, E, generator=g) for n in lengths]
+    return parts, torch.nested.nested_tensor(parts, layout=torch.jagged).requires_grad_()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_on_jagged_nested_tensors(causal):
+    H, D = 4, 8
+    parts, nj = _jagged([7, 1, 30, 12], H * D)
+    q = nj.unflatten(-1, (H, D)).transpose(1, 2)  # (B, H, j, D)
+    out = selfattn.scaled_dot_product_attention(q, q, q, is_causal=causal)
+    assert out.is_nested and out.shape[:2] == (4, H)
+    dout = [torch.randn(n, H * D) for n in (7, 1, 30, 12)]
+    out.transpose(1, 2).flatten(-2).values().backward(torch.cat(dout))
+    for i, (x, o, d) in enumerate(zip(parts, out.transpose(1, 2).unbind(), dout)):
+        xt = x.detach().requires_grad_()
+        qt = xt.view(1, -1, H, D).transpose(1, 2)
+        ref = torch.nn.functional.scaled_dot_product_attention(qt, qt, qt, is_causal=causal)
+        ref = ref.transpose(1, 2)[0]
+        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+        ref.flatten(-2).backward(d)
+        torch.testing.assert_close(nj.grad.unbind()[i], xt.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_multihead_attention_on_jagged_nested_tensors():
+    E, H = 16, 2
+    torch.manual_seed(0)
+    ours = selfattn.nn.MultiheadAttention(E, H, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    parts, nj = _jagged([3, 9, 1], E, seed=1)
+    out, weights = ours(nj, nj, nj, need_weights=False)
+    assert weights is None and out.is_nested
+    out.values().sum().backward()
+    for i, (x, o) in enumerate(zip(parts, out.unbind())):
+        xt = x[None].detach().requires_grad_()
+        ref = theirs(xt, xt, xt, need_weights=False)[0][0]
+        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+        ref.sum().backward()
+        torch.testing.assert_close(nj.grad.unbind()[i], xt.grad[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match="need_weights=False"):
+        ours(nj, nj, nj)
+    with pytest.raises(TypeError, match="must all be jagged"):
+        ours(nj, torch.randn(3, 9, E), nj, need_weights=False)
