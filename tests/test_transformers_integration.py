@@ -98,3 +98,42 @@ def test_bert_encoder_with_padding():
     mask[2, 2:] = 0
     _assert_same(models, mask=mask.bool(), input_ids=ids, attention_mask=mask)
     _assert_same(models, input_ids=ids)
+
+
+def test_llama_packed_batch_runs_varlen():
+    """Padding-free packed training: three sequences in one row with restarting
+    position_ids, as DataCollatorWithFlattening builds them, no cache.
+    selfattn runs the packed varlen op and its logits and gradients equal the
+    sdpa model's on the same packed row (transformers builds sdpa a
+    block-diagonal causal mask there), and each sequence's logits equal the
+    model run on that sequence alone; with the flash-attention kwargs
+    (cu_seq_lens_q/k) the same. With a cache transformers does not pack, and
+    neither does selfattn."""
+    _, sdpa, ours = _models(transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                            vocab_size=101, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64)
+    lengths = [5, 9, 3]
+    ids = _ids(1, sum(lengths), 101)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.profiler.profile() as prof:
+        logits, grads = _logits_and_grads(ours, None, input_ids=ids, position_ids=position_ids,
+                                          use_cache=False)
+    assert "selfattn::varlen_forward" in {e.name for e in prof.events()}
+    ref_logits, ref_grads = _logits_and_grads(sdpa, None, input_ids=ids,
+                                              position_ids=position_ids, use_cache=False)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-9, rtol=1e-9)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-9, rtol=1e-9, msg=name)
+    start = 0
+    with torch.no_grad():
+        for n in lengths:
+            alone = ours(input_ids=ids[:, start:start + n]).logits
+            torch.testing.assert_close(logits[:, start:start + n], alone, atol=1e-9, rtol=1e-9)
+            start += n
+        cu = torch.tensor([0, 5, 14, 17])
+        explicit = ours(input_ids=ids, position_ids=position_ids, use_cache=False,
+                        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
+        torch.testing.assert_close(explicit, logits, atol=1e-9, rtol=1e-9)
+        cached = [m(input_ids=ids, position_ids=position_ids).logits for m in (ours, sdpa)]
+        torch.testing.assert_close(*cached, atol=1e-9, rtol=1e-9)

@@ -16,7 +16,11 @@ True = attend, or float added. Score modifiers run in the kernel: the
 `softcap` a model passes (Gemma 2's attn_logit_softcapping) and ALiBi slopes
 passed as `alibi_slopes` ((Hq,) or (B, Hq) float32; bottom-right offset, so
 that the last query is the last key's position, as in a KV cache).
-Attention sinks (`s_aux`) are refused.
+Attention sinks (`s_aux`) are refused. Padding-free packed batches (several
+sequences in one row: the flash-attention kwargs cu_seq_lens_q/k of
+DataCollatorWithFlattening, or restarting position_ids for which transformers
+built its packed block-diagonal mask) run the packed varlen kernels: each
+sequence attends to itself only, and no work goes to the masked blocks.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 
 from ..errors import ArgumentError
 from ..functional import attention
+from ..varlen import varlen_attention
 
 NAME = "selfattn"
 
@@ -47,6 +52,17 @@ def selfattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         raise ArgumentError("selfattn attention does not support attention sinks (s_aux); use "
                             "attn_implementation='eager' for models that need them")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = _packed_offsets(query, key, attention_mask, is_causal, kwargs)
+    if packed is not None and alibi_slopes is None and position_bias is None:
+        # padding-free packed batch: the sequences' own attention, no T x T mask
+        cu_q, cu_k = packed
+        lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+        out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                               value[0].transpose(0, 1), cu_q, cu_k, int(lengths_q.max()),
+                               int(lengths_k.max()), scale=scaling,
+                               window_size=(-1, 0) if is_causal else (-1, -1),
+                               enable_gqa=True, dropout_p=dropout)
+        return out.unsqueeze(0), None
     q_len = query.shape[2]
     causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if causal and key.shape[2] > q_len:
@@ -64,6 +80,39 @@ def selfattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                     scale=scaling, attn_mask=attention_mask, dropout_p=dropout,
                     alibi_slopes=alibi_slopes, softcap=softcap or 0.0)
     return out, None
+
+
+def _packed_offsets(query: torch.Tensor, key: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor], is_causal: bool,
+                    kwargs) -> Optional[tuple]:
+    """(cu_seq_q, cu_seq_k) when the batch is several sequences packed into one
+    row: transformers' flash-attention kwargs (cu_seq_lens_q / cu_seq_lens_k,
+    from DataCollatorWithFlattening), or restarting position_ids of a batch of
+    one for which transformers built the packed block-diagonal mask (it does
+    so in training setups: no 2-D mask, no cache); the mask is checked to be
+    exactly that, so the packed kernels compute what it would. None otherwise."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        return cu_q, cu_k
+    position_ids = kwargs.get("position_ids")
+    T = query.shape[2]
+    if (position_ids is None or query.shape[0] != 1 or key.shape[2] != T
+            or position_ids.numel() != T or attention_mask is None
+            or attention_mask.dtype != torch.bool or attention_mask.numel() != T * T):
+        return None
+    flat = position_ids.reshape(-1)
+    new = flat.diff() != 1
+    if not bool(new.any()):
+        return None
+    segment = torch.cat([new.new_zeros(1), new]).cumsum(0)
+    block = segment[:, None] == segment[None, :]
+    if is_causal:
+        block = block.tril()
+    if not torch.equal(attention_mask.reshape(T, T), block):
+        return None
+    starts = new.nonzero().flatten() + 1
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), T)]).to(torch.int64)
+    return cu, cu
 
 
 def register(name: str = NAME) -> None:
