@@ -40,7 +40,7 @@ __all__ = [
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
     "TransformerEncoder", "TransformerDecoder", "SelfAttention", "CausalSelfAttention",
     "LocalSelfAttention", "HierarchicalSelfAttention", "AdditiveAttention",
-    "SinusoidalPositionalEncoding", "RotaryEmbedding",
+    "SinusoidalPositionalEncoding", "RotaryEmbedding", "KVCache",
 ]
 
 
@@ -615,8 +615,24 @@ class CausalSelfAttention(_ProjectedSelfAttention):
 
     _name = "selfattn.nn.CausalSelfAttention"
 
-    def forward(self, x: Tensor, key_lengths: Optional[Tensor] = None) -> Tensor:
-        return self._attend(x, key_lengths, causal=True)
+    def forward(self, x: Tensor, key_lengths: Optional[Tensor] = None,
+                cache: Optional["KVCache"] = None) -> Tensor:
+        """With `cache` (generation, inference only): x holds the new tokens
+        (B, n, embed_dim), which are appended to the cache and attend to
+        everything cached (rotary at the cache's positions)."""
+        if cache is None:
+            return self._attend(x, key_lengths, causal=True)
+        if key_lengths is not None:
+            raise ArgumentError(f"{self._name}: with a cache, the cache's lengths are the key "
+                                "lengths; pass key_lengths=None")
+        _check_btc(self._name, "x", x, self.embed_dim)
+        D = self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in (q, k, v))
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions=cache.positions(x.shape[1]))
+        return self.out_proj(cache.append_and_attend(q, k, v).flatten(2))
 
 
 class LocalSelfAttention(_ProjectedSelfAttention):
@@ -909,6 +925,43 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
                                 f"length {offset + S} exceeds max_len {self.pe.shape[0]}")
         pe = self.pe[offset:offset + S].to(x.dtype)
         return self.dropout(x + (pe if self.batch_first else pe.unsqueeze(1)))
+
+
+class KVCache:
+    """A preallocated KV cache for generation with selfattn.attention_with_kvcache:
+    k and v buffers (B, max_len, num_kv_heads, head_dim) and each sequence's
+    length. append_and_attend writes the new tokens' keys and values in place
+    and attends the new queries to the whole cache (causal, bottom-right), then
+    advances the lengths. One cache per attention layer; inference only.
+
+        caches = [KVCache(B, 1024, Hkv, D) for _ in layers]
+        out = layer(x_new, cache=caches[i])   # selfattn.nn.CausalSelfAttention
+    """
+
+    def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *,
+                 head_dim_v: Optional[int] = None, dtype=None, device=None):
+        shape = (batch_size, max_len, num_kv_heads)
+        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape, head_dim_v or head_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    def positions(self, n: int) -> Tensor:
+        """(B, n) positions of n new tokens."""
+        return self.lengths.unsqueeze(1) + torch.arange(n, device=self.lengths.device)
+
+    def append_and_attend(self, q: Tensor, k: Tensor, v: Tensor,
+                          window: Optional[Tuple[int, int]] = None) -> Tensor:
+        """q (B, n, Hq, D), k and v (B, n, Hkv, D|Dv) of the new tokens -> (B, n, Hq, Dv)."""
+        from .kvcache import attention_with_kvcache
+
+        with torch.no_grad():
+            out = attention_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.lengths,
+                                         window=window)
+        self.lengths += k.shape[1]
+        return out
 
 
 class RotaryEmbedding(torch.nn.Module):

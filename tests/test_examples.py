@@ -1,7 +1,8 @@
 """The examples run as users run them: examples/train_gpt.py (selfattn vs
 torch attention from one seed, and its 2-process DDP variant),
 examples/train_ring.py (the sequence sharded over 2 and 4 processes by
-torchrun, against one process) and the C++
+torchrun, against one process), examples/generate.py (the same tokens with
+and without selfattn's KV cache) and the C++
 example examples/cpp (configured, built and run against the built ops;
 skipped without cmake or a compiled selfattn._C)."""
 from __future__ import annotations
@@ -76,6 +77,12 @@ def test_train_ring_matches_one_process(tmp_path, world, layout):
     assert len(ring) == len(one) == 12
     assert max(abs(a - b) for a, b in zip(ring, one)) < 1e-3
     assert ring[-1] < ring[0] - 0.3  # it learns
+
+
+def test_generate_with_and_without_the_kv_cache():
+    out = _run([sys.executable, str(EXAMPLES / "generate.py"), "--new", "24", "--d-model", "64"],
+               timeout=300)
+    assert "same tokens: True" in out
 
 
 def test_cpp_example(tmp_path):

@@ -90,3 +90,20 @@ def test_bad_input_is_refused():
     with torch.no_grad(), pytest.raises(ValueError, match="contiguous in its first two dims"):
         selfattn.attention_with_kvcache(q, kc.transpose(0, 1).contiguous().transpose(0, 1), vc,
                                         k, v, cache_seqlens=0)
+
+
+def test_causal_self_attention_generates_with_the_cache():
+    """selfattn.nn.CausalSelfAttention(rotary) with a KVCache: a prompt then
+    tokens one by one give the layer's output on the whole sequence."""
+    torch.manual_seed(0)
+    layer = selfattn.nn.CausalSelfAttention(32, 4, num_kv_heads=2, rotary=True).eval()
+    x = torch.randn(2, 11, 32)
+    cache = selfattn.nn.KVCache(2, 16, 2, 8)
+    with torch.no_grad():
+        whole = layer(x)
+        steps = [layer(x[:, :6], cache=cache)]
+        steps += [layer(x[:, t:t + 1], cache=cache) for t in range(6, 11)]
+    assert cache.lengths.tolist() == [11, 11]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="key_lengths=None"):
+        layer(x[:, :1], key_lengths=torch.tensor([1, 1]), cache=cache)
