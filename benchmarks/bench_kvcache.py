@@ -18,27 +18,16 @@ Hq = 32, Hkv = 8, D = 128, bfloat16; cache lengths 1k, 8k, 32k; batch 1 and
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
 import selfattn
 from selfattn import ops
-from selfattn._measure import median_seconds
+from selfattn._measure import cpu_name, median_seconds
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                    if ln.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def calls(B, L):

@@ -24,27 +24,16 @@ target: under 10% at S >= 1024, D = 64 and 128) and peak memory against
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
 import selfattn
 from selfattn import ops
-from selfattn._measure import Progress, median_seconds, peak_bytes, with_backward
+from selfattn._measure import Progress, cpu_name, median_seconds, peak_bytes, with_backward
 
 VARIANTS = ("plain", "alibi", "softcap", "both", "sdpa")
 TOKENS, HEADS, SOFTCAP = 4096, 8, 30.0
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                    if ln.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def alibi_slopes(H):

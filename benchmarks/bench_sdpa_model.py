@@ -18,23 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 
 import torch
 
 import selfattn
 from selfattn import ops
-from selfattn._measure import median_seconds
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from selfattn._measure import cpu_name, median_seconds
 
 
 def make_model(dtype: torch.dtype):

@@ -22,28 +22,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
 import selfattn
 from selfattn import ops
-from selfattn._measure import median_seconds, peak_bytes, with_backward
+from selfattn._measure import cpu_name, median_seconds, peak_bytes, with_backward
 
 H, D = 8, 64
 # 16 lengths from 32 to 4096 with a long tail (most short, a few long)
 LENGTHS = [32, 37, 45, 52, 64, 80, 96, 128, 160, 200, 256, 384, 512, 1024, 2048, 4096]
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                    if ln.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def calls(dtype, backward):

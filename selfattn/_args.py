@@ -90,6 +90,18 @@ def _window_side(fn, value, side):
     return int(value)
 
 
+def window_sides(fn, window, causal):
+    """(left, right) of a window pair (None: unbounded; -1 = unbounded side);
+    causal sets right = 0."""
+    left = right = -1
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ArgumentTypeError(f"{fn}: window must be a pair (left, right), got {window!r}")
+        left = _window_side(fn, window[0], "left")
+        right = _window_side(fn, window[1], "right")
+    return left, 0 if causal else right
+
+
 def check_qkv(fn, q, k, v, names=("q", "k", "v")):
     """Shapes (B, S, H, D) of q, k, v agree; returns (B, Sq, Sk, Hq, Hkv, D, Dv)."""
     nq, nk, nv = names
@@ -168,15 +180,7 @@ def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_ma
     if causal_alignment not in ("bottom_right", "top_left"):
         raise ArgumentError(
             f"{fn}: causal_alignment must be 'bottom_right' or 'top_left', got {causal_alignment!r}")
-    if window is None:
-        left, right = -1, -1
-    else:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise ArgumentTypeError(f"{fn}: window must be a pair (left, right), got {window!r}")
-        left = _window_side(fn, window[0], "left")
-        right = _window_side(fn, window[1], "right")
-    if causal:
-        right = 0
+    left, right = window_sides(fn, window, causal)
     # A side at least Sq + Sk wide bounds nothing: unbounded (no int64 overflow downstream).
     left = -1 if left > Sq + Sk else left
     right = -1 if right > Sq + Sk else right

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import platform
 import statistics
+import subprocess
 import sys
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.utils.benchmark as tbench
+
+def cpu_name() -> str:
+    """The CPU's model name (lscpu), for naming the machine of every figure."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
 
 class Progress:
     """A one-line progress bar on stderr."""

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._args import FLOAT_DTYPES, _window_side, attention_args
+from ._args import FLOAT_DTYPES, attention_args, window_sides
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import rng_state
 from . import ops
@@ -215,14 +215,7 @@ class _RingAttention(torch.autograd.Function):
 def _window(fn: str, window, causal: bool, S: int) -> Tuple[int, int]:
     """(left, right) of `window` in the whole sequence's positions (-1:
     unbounded; a side of 2 S or more bounds nothing); causal sets right = 0."""
-    left = right = -1
-    if window is not None:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise ArgumentTypeError(f"{fn}: window must be a pair (left, right), got {window!r}")
-        left = _window_side(fn, window[0], "left")
-        right = _window_side(fn, window[1], "right")
-    if causal:
-        right = 0
+    left, right = window_sides(fn, window, causal)
     return (-1 if left >= 2 * S else left), (-1 if right >= 2 * S else right)
 
 

@@ -111,12 +111,9 @@ def _bshd(t: torch.Tensor) -> torch.Tensor:
 def _like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """`t` laid out as torch.empty_like(ref) (what torch's meta kernels say);
     `t` itself where the shapes differ (D != Dv, which torch's flash never sees)."""
-    if t.shape != ref.shape:
+    if t.shape != ref.shape or torch.empty_like(ref, device="meta").stride() == t.stride():
         return t
-    result = torch.empty_like(ref)
-    if result.stride() == t.stride():
-        return t
-    return result.copy_(t)
+    return torch.empty_like(ref).copy_(t)
 
 
 def _op_args(query, attn_mask, is_causal, scale):
