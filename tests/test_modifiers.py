@@ -186,6 +186,20 @@ def test_zero_slopes_and_huge_softcap_change_nothing():
     torch.testing.assert_close(mods, plain, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_softcap_of_non_finite_scores(dtype):
+    """The kernels' own tanh: an infinite score is capped to +-softcap like
+    the reference's torch.tanh, and a NaN one stays NaN (its row is NaN)."""
+    q, k, v = (t.detach().to(dtype) for t in make_qkv(1, 6, 9, 2, 2, 8))
+    q[0, 1, 0, 0] = float("inf")
+    q[0, 4, 1, 2] = float("nan")
+    out = selfattn.attention(q, k, v, softcap=5.0)
+    gold = reference.attention(q.double(), k.double(), v.double(), softcap=5.0)
+    assert out[0, 4, 1].isnan().all() and gold[0, 4, 1].isnan().all()
+    assert not out[0, 1, 0].isnan().any() and not gold[0, 1, 0].isnan().any()
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 # ---------------------------------------------------------------------------
 # gradcheck (float64, small)
 
