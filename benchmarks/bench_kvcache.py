@@ -4,6 +4,8 @@ interleaved rounds, medians (selfattn._measure).
 
   kvcache        selfattn.attention_with_kvcache: append the new k, v in place
                  at cache_seqlens, attend to the valid prefix
+  kvcache paged  the same cache as a pool of pages of PAGE keys in shuffled
+                 order, read through the block table
   sdpa concat    the Hugging Face way: torch.cat the new k, v to the cache
                  (a new cache each step), then F.scaled_dot_product_attention
                  (enable_gqa)
@@ -27,6 +29,7 @@ from selfattn import ops
 from selfattn._measure import cpu_name, median_seconds
 
 HQ, HKV, D = 32, 8, 128
+PAGE = 16  # vLLM's default block size
 DTYPE = torch.bfloat16
 
 
@@ -44,10 +47,21 @@ def calls(B, L):
     k_pre, v_pre = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k_new, v_new))
     valid = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    per = -(-L // PAGE)
+    table = torch.randperm(B * per, generator=g).view(B, per).to(torch.int32)
+    k_pool, v_pool = (torch.empty(B * per * PAGE, HKV, D, dtype=DTYPE) for _ in range(2))
+    for pool, cache in ((k_pool, k_cache), (v_pool, v_cache)):  # pool rows of sequence b, page i
+        rows = (table.long().unsqueeze(-1) * PAGE + torch.arange(PAGE)).flatten(1)[:, :L]
+        pool[rows] = cache
+    k_pool, v_pool = (t.view(B * per, PAGE, HKV, D) for t in (k_pool, v_pool))
 
     def kvcache():
         return selfattn.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new,
                                                cache_seqlens=L - 1)
+
+    def paged():
+        return selfattn.attention_with_kvcache(q, k_pool, v_pool, k_new, v_new,
+                                               cache_seqlens=L - 1, block_table=table)
 
     def concat():
         k_all = torch.cat([k_prefix, kt], dim=2)
@@ -59,7 +73,8 @@ def calls(B, L):
         v_pre[:, :, L - 1:L] = vt
         return F.scaled_dot_product_attention(qt, k_pre, v_pre, attn_mask=valid, enable_gqa=True)
 
-    return {"kvcache": kvcache, "sdpa concat": concat, "sdpa prealloc": prealloc}
+    return {"kvcache": kvcache, "kvcache paged": paged, "sdpa concat": concat,
+            "sdpa prealloc": prealloc}
 
 
 def main():
@@ -73,9 +88,9 @@ def main():
         f"one decoding step, Hq = {HQ}, Hkv = {HKV}, D = {D}, bfloat16; median ms of "
         "interleaved rounds",
         "",
-        "| B | cache length | kvcache ms | sdpa concat ms | sdpa prealloc ms | "
-        "best sdpa / kvcache |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| B | cache length | kvcache ms | kvcache paged ({PAGE}) ms | sdpa concat ms | "
+        "sdpa prealloc ms | best sdpa / kvcache | best sdpa / paged |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     with torch.inference_mode():
         for B in (1, 8):
@@ -83,8 +98,9 @@ def main():
                 t = median_seconds(calls(B, L), rounds=a.rounds, min_run_time=0.2)
                 best = min(t["sdpa concat"], t["sdpa prealloc"])
                 lines.append(f"| {B} | {L} | {1e3 * t['kvcache']:.2f} | "
+                             f"{1e3 * t['kvcache paged']:.2f} | "
                              f"{1e3 * t['sdpa concat']:.2f} | {1e3 * t['sdpa prealloc']:.2f} | "
-                             f"{best / t['kvcache']:.2f} |")
+                             f"{best / t['kvcache']:.2f} | {best / t['kvcache paged']:.2f} |")
                 print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)

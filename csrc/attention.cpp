@@ -25,7 +25,10 @@ void check_bshd(const char* name, const at::Tensor& t) {
               " must have a contiguous last dim (stride 1), got stride ", t.stride(3));
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv); for `paged` keys,
+// k and v are pools (num_pages, page_size, Hkv, D|Dv) instead.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               bool paged = false) {
   check_bshd("q", q);
   check_bshd("k", k);
   check_bshd("v", v);
@@ -39,11 +42,17 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "selfattn: q, k and v must be on one device, got ", q.device(), ", ", k.device(),
               " and ", v.device());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-              "selfattn: q, k and v must have one batch size, got ", q.size(0), ", ", k.size(0),
-              " and ", v.size(0));
-  TORCH_CHECK(v.size(1) == k.size(1), "selfattn: v has ", v.size(1),
-              " keys, which differs from k's ", k.size(1));
+  if (paged) {
+    TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && k.size(1) >= 1,
+                "selfattn: the k and v pools must have one number of pages and one page size "
+                ">= 1, got ", k.sizes(), " and ", v.sizes());
+  } else {
+    TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+                "selfattn: q, k and v must have one batch size, got ", q.size(0), ", ",
+                k.size(0), " and ", v.size(0));
+    TORCH_CHECK(v.size(1) == k.size(1), "selfattn: v has ", v.size(1),
+                " keys, which differs from k's ", k.size(1));
+  }
   TORCH_CHECK(v.size(2) == k.size(2), "selfattn: v has ", v.size(2),
               " heads, which differs from k's ", k.size(2));
   TORCH_CHECK(k.size(3) == q.size(3), "selfattn: k has head dim ", k.size(3),
@@ -103,12 +112,19 @@ MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor&
 constexpr int64_t kMaxDiagOffset = int64_t(1) << 62;
 
 void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const OpArgs& a) {
+                 const OpArgs& a, const PagedKeys& paged = {}) {
   p.B = q.size(0);
   p.Sq = q.size(1);
   p.Hq = q.size(2);
   p.D = q.size(3);
   p.Sk = k.size(1);
+  if (paged.pages != nullptr) {
+    TORCH_CHECK(p.B == 1, "selfattn: paged keys take one sequence per call");
+    p.Sk = paged.len;
+    p.pages = paged.pages;
+    p.page_size = k.size(1);
+    p.num_pages = k.size(0);
+  }
   p.Hkv = k.size(2);
   p.Dv = v.size(3);
   p.q = bshd(q);
@@ -187,10 +203,10 @@ bool empty_problem(const AttnParams& p) {
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const Backend& backend, const at::Tensor& q,
                                               const at::Tensor& k, const at::Tensor& v,
-                                              const OpArgs& a) {
-  check_qkv(q, k, v);
+                                              const OpArgs& a, const PagedKeys& paged) {
+  check_qkv(q, k, v, paged.pages != nullptr);
   AttnParams p;
-  fill_params(p, q, k, v, a);
+  fill_params(p, q, k, v, a, paged);
   auto out = at::empty({p.B, p.Sq, p.Hq, p.Dv}, q.options());
   auto lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (empty_problem(p)) return {out, lse};
@@ -322,16 +338,27 @@ std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t tot
   return v;
 }
 
+// The sequences of a packed batch; with `paged` keys (k a pool of pages),
+// cu_k is checked for its shape only and seqused_k gives the key counts.
 std::vector<Sequence> sequences(const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& cu_q, const at::Tensor& cu_k,
-                                const std::optional<at::Tensor>& seqused_k) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "selfattn: varlen q and k must be 3-D (T, H, D), "
-              "got ", q.dim(), "-D and ", k.dim(), "-D");
+                                const std::optional<at::Tensor>& seqused_k, bool paged = false) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == (paged ? 4 : 3), "selfattn: varlen q must be 3-D (T, "
+              "H, D) and k ", paged ? "4-D (num_pages, page_size, H, D)" : "3-D (T, H, D)",
+              ", got ", q.dim(), "-D and ", k.dim(), "-D");
   const auto oq = offsets(cu_q, "cu_seq_q", q.size(0));
-  const auto ok = offsets(cu_k, "cu_seq_k", k.size(0));
-  TORCH_CHECK(oq.size() == ok.size(), "selfattn: cu_seq_q and cu_seq_k must describe one "
-              "number of sequences, got ", oq.size() - 1, " and ", ok.size() - 1);
   const int64_t n = int64_t(oq.size()) - 1;
+  std::vector<int64_t> ok(n + 1, 0);
+  if (paged) {
+    TORCH_CHECK(cu_k.dim() == 1 && cu_k.size(0) == n + 1, "selfattn: cu_seq_k must have ",
+                n + 1, " offsets like cu_seq_q, got shape ", cu_k.sizes());
+    TORCH_CHECK(seqused_k.has_value(), "selfattn: a block_table needs seqused_k (the key count "
+                "of each sequence)");
+  } else {
+    ok = offsets(cu_k, "cu_seq_k", k.size(0));
+    TORCH_CHECK(oq.size() == ok.size(), "selfattn: cu_seq_q and cu_seq_k must describe one "
+                "number of sequences, got ", oq.size() - 1, " and ", ok.size() - 1);
+  }
   std::vector<int64_t> used;
   if (seqused_k.has_value()) {
     const at::Tensor& u = *seqused_k;
@@ -344,7 +371,7 @@ std::vector<Sequence> sequences(const at::Tensor& q, const at::Tensor& k,
   }
   std::vector<Sequence> seqs;
   for (int64_t b = 0; b < n; ++b) {
-    int64_t k_len = ok[b + 1] - ok[b];
+    int64_t k_len = paged ? std::numeric_limits<int64_t>::max() : ok[b + 1] - ok[b];
     if (!used.empty()) {
       TORCH_CHECK(used[b] >= 0 && used[b] <= k_len, "selfattn: seqused_k[", b, "] = ", used[b],
                   " must lie in [0, ", k_len, "], the sequence's keys");
@@ -360,6 +387,33 @@ at::Tensor rows(const at::Tensor& t, int64_t start, int64_t len) {
   return t.narrow(0, start, len).unsqueeze(0);
 }
 
+// A paged cache's block table (N, max_pages) int32, read on the host: the
+// pages that hold each sequence's keys exist and lie in the pool.
+void check_block_table(const at::Tensor& table, const at::Tensor& q, const at::Tensor& k,
+                       const std::vector<Sequence>& seqs) {
+  const int64_t n = int64_t(seqs.size());
+  TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == n &&
+                  (table.size(1) <= 1 || table.stride(1) == 1),
+              "selfattn: block_table must be an int32 tensor of shape (N, max_pages) = (", n,
+              ", max_pages) with a contiguous last dim, got ", table.scalar_type(), " of shape ",
+              table.sizes());
+  TORCH_CHECK(table.device() == q.device(), "selfattn: block_table must be on q's device ",
+              q.device(), ", got ", table.device());
+  const at::Tensor host = table.to(at::kCPU).contiguous();
+  const int64_t page_size = k.size(1), num_pages = k.size(0), max_pages = table.size(1);
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t needed = (seqs[b].k_len + page_size - 1) / page_size;
+    TORCH_CHECK(needed <= max_pages, "selfattn: seqused_k[", b, "] = ", seqs[b].k_len,
+                " needs ", needed, " pages of ", page_size, " keys, but block_table has ",
+                max_pages, " per sequence");
+    const int32_t* row = host.data_ptr<int32_t>() + b * max_pages;
+    for (int64_t i = 0; i < needed; ++i) {
+      TORCH_CHECK(row[i] >= 0 && row[i] < num_pages, "selfattn: block_table[", b, ", ", i,
+                  "] = ", row[i], " is not a page of the pool (", num_pages, " pages)");
+    }
+  }
+}
+
 OpArgs sequence_args(const Sequence& s, const std::optional<at::Tensor>& none,
                      const std::optional<at::Tensor>& rng_state, double scale, int64_t wl,
                      int64_t wr, double dropout_p) {
@@ -373,20 +427,33 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
     const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, double dropout_p) {
-  const auto seqs = sequences(q, k, cu_q, cu_k, seqused_k);
-  TORCH_CHECK(v.dim() == 3, "selfattn: varlen v must be 3-D (T, H, Dv), got ", v.dim(), "-D");
-  const int64_t Tq = q.size(0), Hq = q.size(1), Dv = v.size(2);
+    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& block_table) {
+  const bool paged = block_table.has_value();
+  const auto seqs = sequences(q, k, cu_q, cu_k, seqused_k, paged);
+  TORCH_CHECK(v.dim() == k.dim(), "selfattn: varlen v must be ", k.dim(), "-D like k, got ",
+              v.dim(), "-D");
+  if (paged) {
+    TORCH_CHECK(dropout_p == 0.0, "selfattn: a paged KV cache (block_table) is for inference: "
+                "dropout_p must be 0, got ", dropout_p);
+    check_block_table(*block_table, q, k, seqs);
+  }
+  const int64_t Tq = q.size(0), Hq = q.size(1), Dv = v.size(-1);
   auto out = at::zeros({Tq, Hq, Dv}, q.options());
   auto lse = at::full({Hq, Tq}, -std::numeric_limits<double>::infinity(),
                       q.options().dtype(acc_dtype(q.scalar_type())));
   const std::optional<at::Tensor> none;
-  for (const Sequence& s : seqs) {
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const Sequence& s = seqs[b];
     if (s.q_len == 0) continue;
-    auto [o, l] = forward_op(backend, rows(q, s.q0, s.q_len), rows(k, s.k0, s.k_len),
-                             rows(v, s.k0, s.k_len),
-                             sequence_args(s, none, rng_state, scale, window_left, window_right,
-                                           dropout_p));
+    const OpArgs args =
+        sequence_args(s, none, rng_state, scale, window_left, window_right, dropout_p);
+    auto [o, l] =
+        paged ? forward_op(backend, rows(q, s.q0, s.q_len), k, v, args,
+                           PagedKeys{block_table->data_ptr<int32_t>() +
+                                         int64_t(b) * block_table->stride(0),
+                                     s.k_len})
+              : forward_op(backend, rows(q, s.q0, s.q_len), rows(k, s.k0, s.k_len),
+                           rows(v, s.k0, s.k_len), args);
     out.narrow(0, s.q0, s.q_len).copy_(o[0]);
     lse.narrow(1, s.q0, s.q_len).copy_(l[0]);
   }

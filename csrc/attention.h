@@ -34,9 +34,17 @@ struct OpArgs {
   int64_t q_start, k_start;
 };
 
+// Keys and values of one sequence in a paged pool (k, v of shape (num_pages,
+// page_size, Hkv, D|Dv)): its `len` keys lie in the pages listed at `pages`
+// (int32, on the tensors' device; checked by the caller).
+struct PagedKeys {
+  const int32_t* pages = nullptr;
+  int64_t len = 0;
+};
+
 std::tuple<at::Tensor, at::Tensor> forward_op(const Backend& backend, const at::Tensor& q,
                                               const at::Tensor& k, const at::Tensor& v,
-                                              const OpArgs& a);
+                                              const OpArgs& a, const PagedKeys& paged = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -52,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
     const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, double dropout_p);
+    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& block_table);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
     const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -92,9 +100,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
   });                                                                                         \
   m.impl("varlen_forward",                                                                   \
          [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                   \
-            const at::Tensor& cu_q, const at::Tensor& cu_k, SELFATTN_VARLEN_ARGS) {          \
+            const at::Tensor& cu_q, const at::Tensor& cu_k, SELFATTN_VARLEN_ARGS,            \
+            const std::optional<at::Tensor>& block_table) {                                  \
            return ::selfattn::varlen_forward_op(backend, q, k, v, cu_q, cu_k, used, rng, scale, \
-                                                wl, wr, p);                                   \
+                                                wl, wr, p, block_table);                      \
          });                                                                                  \
   m.impl("varlen_backward",                                                                  \
          [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,                \

@@ -39,12 +39,16 @@ TORCH_LIBRARY(selfattn, m) {
   // Packed variable-length batches: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv),
   // sequence b = rows cu_seq_q[b]..cu_seq_q[b+1] of q and cu_seq_k[b]..cu_seq_k[b+1]
   // of k and v (its first seqused_k[b] keys when given); windows and causal
-  // (window_right 0) aligned bottom-right per sequence.
+  // (window_right 0) aligned bottom-right per sequence. With a block_table
+  // (N, max_pages) int32 (a paged KV cache; forward only), k and v are pools of
+  // pages (num_pages, page_size, Hkv, D|Dv), sequence b's key j lies in page
+  // block_table[b, j / page_size], seqused_k gives the key counts and cu_seq_k
+  // is not read beyond its shape.
   // -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 (float64 for float64 inputs)
   m.def(
       "varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seq_q, Tensor cu_seq_k, "
       "Tensor? seqused_k, Tensor? rng_state, float scale, int window_left, "
-      "int window_right, float dropout_p) -> (Tensor out, Tensor lse)");
+      "int window_right, float dropout_p, Tensor? block_table=None) -> (Tensor out, Tensor lse)");
   m.def(
       "varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seq_q, Tensor cu_seq_k, Tensor? seqused_k, Tensor? rng_state, float scale, "

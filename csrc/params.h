@@ -7,6 +7,12 @@
 #pragma once
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define SELFATTN_HD __host__ __device__ __forceinline__
+#else
+#define SELFATTN_HD inline
+#endif
+
 namespace selfattn {
 
 // A (B, S, H, D) tensor: base pointer and strides of its first three dims.
@@ -61,8 +67,21 @@ struct AttnParams {
   // Positions of q's row 0 and k's row 0 in a larger sequence, for dropout
   // only: element (b, h, i, j) draws as element (b, h, q_start + i, k_start + j).
   int64_t q_start = 0, k_start = 0;
+  // Paged keys and values (FlashAttention's block_table; forward, B = 1):
+  // when `pages` is set, k and v are pools of pages (num_pages, page_size,
+  // Hkv, D|Dv), k.batch and v.batch are their page strides, and key j is row
+  // j % page_size of page pages[j / page_size] (key_row below). The caller
+  // checks the page indices against the pool's num_pages.
+  const int32_t* pages = nullptr;
+  int64_t page_size = 0, num_pages = 0;
   int device = -1;  // CUDA device index of the tensors, -1 on CPU
 };
+
+// Offset in elements of key j of batch entry b in k or v (`t`), head 0.
+SELFATTN_HD int64_t key_row(const AttnParams& p, const BSHD& t, int64_t b, int64_t j) {
+  if (p.pages == nullptr) return b * t.batch + j * t.row;
+  return int64_t(p.pages[j / p.page_size]) * t.batch + (j % p.page_size) * t.row;
+}
 
 // A window side that bounds nothing for any query i in [0, Sq) and key j in
 // [0, Sk) at this diag_offset becomes unbounded (-1): the same visibility,

@@ -8,11 +8,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SELFATTN_HD __host__ __device__ __forceinline__
-#else
-#define SELFATTN_HD inline
-#endif
+#include "params.h"  // SELFATTN_HD
 
 namespace selfattn {
 

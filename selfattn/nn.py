@@ -928,38 +928,85 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
 
 
 class KVCache:
-    """A preallocated KV cache for generation with selfattn.attention_with_kvcache:
-    k and v buffers (B, max_len, num_kv_heads, head_dim) and each sequence's
-    length. append_and_attend writes the new tokens' keys and values in place
-    and attends the new queries to the whole cache (causal, bottom-right), then
-    advances the lengths. One cache per attention layer; inference only.
+    """A KV cache for generation with selfattn.attention_with_kvcache: k and v
+    buffers and each sequence's length. append_and_attend writes the new
+    tokens' keys and values in place and attends the new queries to the whole
+    cache (causal, bottom-right), then advances the lengths. One cache per
+    attention layer; inference only.
+
+    Preallocated (the default): buffers (B, max_len, num_kv_heads, head_dim).
+    Paged (page_size given): a pool of num_pages pages (page_size,
+    num_kv_heads, head_dim) shared by the batch (default: enough for every
+    sequence to reach max_len), handed out to a sequence as it grows (the
+    block table, (B, ceil(max_len / page_size)) int32), so a pool smaller
+    than B * max_len holds sequences of different lengths; reset() frees them.
 
         caches = [KVCache(B, 1024, Hkv, D) for _ in layers]
         out = layer(x_new, cache=caches[i])   # selfattn.nn.CausalSelfAttention
     """
 
     def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *,
-                 head_dim_v: Optional[int] = None, dtype=None, device=None):
-        shape = (batch_size, max_len, num_kv_heads)
+                 head_dim_v: Optional[int] = None, page_size: Optional[int] = None,
+                 num_pages: Optional[int] = None, dtype=None, device=None):
+        self.max_len, self.page_size = max_len, page_size
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        if page_size is None:
+            if num_pages is not None:
+                raise ArgumentError("selfattn.nn.KVCache: num_pages needs page_size")
+            shape = (batch_size, max_len, num_kv_heads)
+            self.block_table = None
+        else:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+                raise ArgumentError(f"selfattn.nn.KVCache: page_size must be an int >= 1, got "
+                                    f"{page_size!r}")
+            per_sequence = -(-max_len // page_size)
+            num_pages = batch_size * per_sequence if num_pages is None else num_pages
+            shape = (num_pages, page_size, num_kv_heads)
+            self.block_table = torch.full((batch_size, per_sequence), -1, dtype=torch.int32,
+                                          device=device)
+            self._host_table = [[] for _ in range(batch_size)]  # pages held, per sequence
+            self._free = list(range(num_pages - 1, -1, -1))
         self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, head_dim_v or head_dim, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
 
     def reset(self) -> None:
         self.lengths.zero_()
+        if self.block_table is not None:
+            for pages in self._host_table:
+                self._free.extend(reversed(pages))
+                pages.clear()
+            self.block_table.fill_(-1)
 
     def positions(self, n: int) -> Tensor:
         """(B, n) positions of n new tokens."""
         return self.lengths.unsqueeze(1) + torch.arange(n, device=self.lengths.device)
+
+    def _reserve(self, n: int) -> None:
+        """Pages for n more tokens of every sequence, from the free list."""
+        for b, length in enumerate(self.lengths.tolist()):
+            held = self._host_table[b]
+            needed = -(-(length + n) // self.page_size)
+            if length + n > self.max_len:
+                raise ArgumentError(f"selfattn.nn.KVCache: sequence {b} would hold "
+                                    f"{length + n} tokens, past max_len = {self.max_len}")
+            while len(held) < needed:
+                if not self._free:
+                    raise ArgumentError(f"selfattn.nn.KVCache: the pool's {self.k.shape[0]} "
+                                        f"pages are all in use (sequence {b} needs page "
+                                        f"{len(held)}); make num_pages larger or reset()")
+                self.block_table[b, len(held)] = self._free[-1]
+                held.append(self._free.pop())
 
     def append_and_attend(self, q: Tensor, k: Tensor, v: Tensor,
                           window: Optional[Tuple[int, int]] = None) -> Tensor:
         """q (B, n, Hq, D), k and v (B, n, Hkv, D|Dv) of the new tokens -> (B, n, Hq, Dv)."""
         from .kvcache import attention_with_kvcache
 
+        if self.block_table is not None:
+            self._reserve(k.shape[1])
         with torch.no_grad():
             out = attention_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.lengths,
-                                         window=window)
+                                         block_table=self.block_table, window=window)
         self.lengths += k.shape[1]
         return out
 

@@ -138,11 +138,11 @@ torch.library.register_autograd("selfattn::attention_forward", _backward,
 
 @torch.library.register_fake("selfattn::varlen_forward")
 def _varlen_forward_fake(q, k, v, cu_seq_q, cu_seq_k, seqused_k, rng_state, scale, window_left,
-                         window_right, dropout_p):
+                         window_right, dropout_p, block_table=None):
     _same_device(q, k=k, v=v, cu_seq_q=cu_seq_q, cu_seq_k=cu_seq_k, seqused_k=seqused_k,
-                 rng_state=rng_state)
+                 rng_state=rng_state, block_table=block_table)
     Tq, Hq, _ = q.shape
-    return q.new_empty((Tq, Hq, v.shape[2])), q.new_empty((Hq, Tq), dtype=_lse_dtype(q))
+    return q.new_empty((Tq, Hq, v.shape[-1])), q.new_empty((Hq, Tq), dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("selfattn::varlen_backward")
@@ -155,6 +155,10 @@ def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k
 
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seq_q, cu_seq_k, seqused_k, rng_state, *scalars = inputs
+    if len(scalars) > 4 and scalars[4] is not None:
+        raise RuntimeError("selfattn varlen_forward: a paged KV cache (block_table) is for "
+                           "inference only; call it under torch.no_grad()")
+    scalars = scalars[:4]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state)
     ctx.scalars = scalars  # scale, window_left, window_right, dropout_p
@@ -170,7 +174,7 @@ def _varlen_backward(ctx, dout, _dlse):
         dout = dout.contiguous()
     dq, dk, dv = varlen_backward_op(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k,
                                     rng_state, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * 9
 
 
 torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,

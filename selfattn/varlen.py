@@ -8,7 +8,9 @@ no FLOP or byte goes to padding. Sequence b attends its own keys only, with
 causal attention and windows aligned bottom-right within each sequence
 (FlashAttention's varlen convention: the last query sees the last key).
 The ops (torch.ops.selfattn.varlen_forward / varlen_backward, csrc/attention.cpp)
-run each sequence through the fused kernels as a batch of one.
+run each sequence through the fused kernels as a batch of one. With a
+block_table (inference only), keys and values come from a pool of pages that
+the kernels read in place through the table.
 """
 from __future__ import annotations
 
@@ -38,6 +40,30 @@ def _offsets(name, t, device, what="N + 1 offsets"):
     return t
 
 
+def _check_paged(query, key, value, block_table, seqused_k, dropout_p):
+    """What a paged call needs beyond the unpaged checks (the op checks the
+    page indices against the pool)."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 \
+            or block_table.dim() != 2:
+        raise ArgumentTypeError(f"{FN}: block_table must be an int32 tensor of shape "
+                                f"(N, max_pages), got {block_table!r}")
+    if block_table.device != query.device:
+        raise ArgumentError(f"{FN}: block_table is on {block_table.device}, but query is on "
+                            f"{query.device}")
+    if seqused_k is None:
+        raise ArgumentError(f"{FN}: a block_table needs seqused_k, the key count of each "
+                            "sequence (as torch's varlen_attn)")
+    if key.shape[0] < 1 or key.shape[:2] != value.shape[:2]:
+        raise ArgumentError(f"{FN}: key and value must be pools of one number (>= 1) of pages "
+                            f"of one size, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if dropout_p != 0.0:
+        raise ArgumentError(f"{FN}: a paged KV cache is for inference: dropout_p must be 0, "
+                            f"got {dropout_p!r}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ArgumentError(f"{FN}: a paged KV cache (block_table) is for inference only; "
+                            "call it under torch.no_grad() or torch.inference_mode()")
+
+
 def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
                      scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
                      block_table=None, num_splits=None, dropout_p=0.0, generator=None,
@@ -61,7 +87,11 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
         enable_gqa: allow Hkv < Hq (Hq a multiple of Hkv), as torch.
         seqused_k: int (N,): only the first seqused_k[b] keys of sequence b
             take part (differentiable here, unlike torch's).
-        block_table: a paged KV cache; not supported yet (raises).
+        block_table: int32 (N, max_pages): a paged KV cache (inference
+            only, as torch's). key and value are then pools of pages
+            (num_pages, page_size, Hkv, D|Dv) in any order, sequence b's key
+            j lies at row j % page_size of page block_table[b, j // page_size],
+            seqused_k is required (the key counts) and cu_seq_k may be None.
         num_splits: torch's split-KV hint; accepted and ignored (selfattn
             computes every sequence on its own, so results never depend on
             the other sequences of the batch).
@@ -76,34 +106,43 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
         for float64 inputs), -inf for rows that see no key]. Rows that see no
         key are 0.
     """
-    if block_table is not None:
-        raise ArgumentError(f"{FN}: block_table (a paged KV cache) is not supported yet")
-    if cu_seq_k is None:
+    paged = block_table is not None
+    if cu_seq_k is None and not paged:
         raise ArgumentError(f"{FN}: cu_seq_k is required (torch allows None only with "
                             "block_table)")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{FN}: {name} must be a torch.Tensor, got "
                                     f"{type(t).__name__}")
-        if t.dim() != 3:
-            raise ArgumentError(f"{FN}: {name} must be 3-D (T, H, D), got shape "
-                                f"{tuple(t.shape)}")
+        want = 4 if paged and name != "query" else 3
+        if t.dim() != want:
+            raise ArgumentError(f"{FN}: {name} must be " + (
+                "4-D (num_pages, page_size, H, D) with a block_table" if want == 4
+                else "3-D (T, H, D)") + f", got shape {tuple(t.shape)}")
+    if paged:
+        _check_paged(query, key, value, block_table, seqused_k, dropout_p)
+        if cu_seq_k is None:
+            cu_seq_k = torch.zeros(block_table.shape[0] + 1, dtype=torch.int64,
+                                   device=query.device)
     for name, n in (("max_q", max_q), ("max_k", max_k), ("num_splits", num_splits)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
                               or n < 0):
             raise ArgumentTypeError(f"{FN}: {name} must be a non-negative int, got {n!r}")
     if not isinstance(enable_gqa, bool):
         raise ArgumentTypeError(f"{FN}: enable_gqa must be a bool, got {enable_gqa!r}")
-    if not enable_gqa and query.shape[1] != key.shape[1]:
-        raise ArgumentError(f"{FN}: query has {query.shape[1]} heads and key {key.shape[1]}; "
+    if not enable_gqa and query.shape[1] != key.shape[-2]:
+        raise ArgumentError(f"{FN}: query has {query.shape[1]} heads and key {key.shape[-2]}; "
                             "pass enable_gqa=True for grouped-query attention")
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ArgumentTypeError(f"{FN}: window_size must be a pair (left, right), got "
                                 f"{window_size!r}")
     # checks of dtypes, devices, heads, head dims, scale, window and dropout, on views
     # of the packed tensors as one batch
-    a = attention_args(FN, query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), False,
-                       "bottom_right", tuple(window_size), scale, None, None, dropout_p,
+    # (a pool's first key stands for a sequence of the longest length it can hold)
+    k1, v1 = ((t[:1, :1].expand(1, block_table.shape[1] * key.shape[1], *t.shape[2:])
+               for t in (key, value)) if paged else (key.unsqueeze(0), value.unsqueeze(0)))
+    a = attention_args(FN, query.unsqueeze(0), k1, v1, False, "bottom_right",
+                       tuple(window_size), scale, None, None, dropout_p,
                        ("query", "key", "value"))
     cu_seq_q = _offsets("cu_seq_q", cu_seq_q, query.device)
     cu_seq_k = _offsets("cu_seq_k", cu_seq_k, query.device)
@@ -112,7 +151,8 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     rng = rng_state(a.dropout_p, query.device, generator)
     out, lse = ops.varlen_forward_op(
         _last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
-        cu_seq_q, cu_seq_k, seqused_k, rng, a.scale, a.window_left, a.window_right, a.dropout_p)
+        cu_seq_q, cu_seq_k, seqused_k, rng, a.scale, a.window_left, a.window_right, a.dropout_p,
+        block_table)
     if return_lse or (return_aux is not None and getattr(return_aux, "lse", False)):
         return out, lse
     return out

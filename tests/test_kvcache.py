@@ -76,8 +76,6 @@ def test_bad_input_is_refused():
     cases = [
         (dict(cache_seqlens=torch.tensor([0, 63, 64])), ValueError, "S_max = 64"),
         (dict(cache_seqlens=torch.tensor([0, 1])), TypeError, "cache_seqlens must be"),
-        (dict(cache_seqlens=0, block_table=torch.zeros(3, 1, dtype=torch.int32)), ValueError,
-         "block_table"),
         (dict(cache_seqlens=0, v=None), ValueError, "both k and v"),
     ]
     for kw, exc, words in cases:
@@ -107,3 +105,138 @@ def test_causal_self_attention_generates_with_the_cache():
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="key_lengths=None"):
         layer(x[:, :1], key_lengths=torch.tensor([1, 1]), cache=cache)
+
+
+# ---------------------------------------------------------------------------
+# Paged caches: pools of pages in shuffled order, read in place through the
+# block table.
+
+def _paged(cache, page_size, seed=1):
+    """A pool holding `cache` (B, S, H, D) in pages of page_size rows, in a
+    shuffled order among spare pages of noise, and its block table."""
+    B, S = cache.shape[:2]
+    per = -(-S // page_size)
+    g = torch.Generator().manual_seed(seed)
+    num_pages = B * per + 3
+    table = torch.randperm(num_pages, generator=g)[:B * per].view(B, per).to(torch.int32)
+    pool = torch.randn(num_pages, page_size, *cache.shape[2:], generator=g).to(cache.dtype)
+    for b in range(B):
+        for i in range(per):
+            rows = cache[b, i * page_size:(i + 1) * page_size]
+            pool[table[b, i], :rows.shape[0]] = rows
+    return pool, table
+
+
+def _unpaged(pool, table, S):
+    """The contiguous (B, S, H, D) view of a pool's sequences, as a copy."""
+    return torch.stack([pool[row.long()].flatten(0, 1)[:S] for row in table])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("page_size", [1, 5, 16, 64, 256])
+@pytest.mark.parametrize("n,n_new,window", [(1, 1, None), (7, 7, None), (3, 0, (9, 0))])
+def test_paged_cache_equals_the_contiguous_one(dtype, page_size, n, n_new, window):
+    """The same cache, contiguous or in shuffled pages of any size, gives the
+    same output (and the reference's); appends land in the right pages, across
+    page boundaries, and no other page changes."""
+    S_max = 300
+    q, kc, vc, k, v = _setup(S_max=S_max, n=n, n_new=n_new, dtype=dtype, Dv=24)
+    seqlens = torch.tensor([0, 62, 250], dtype=torch.int32)  # appends cross pages of 5, 16, 64
+    kp, table = _paged(kc, page_size)
+    vp, _ = _paged(vc, page_size)
+    kp_before, vp_before = kp.clone(), vp.clone()
+    with torch.no_grad():
+        ours, lse = selfattn.attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=seqlens,
+                                                    block_table=table, window=window,
+                                                    return_lse=True)
+        contiguous, lse_c = selfattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens,
+                                                            window=window, return_lse=True)
+    torch.testing.assert_close(_unpaged(kp, table, S_max), kc, rtol=0, atol=0)
+    torch.testing.assert_close(_unpaged(vp, table, S_max), vc, rtol=0, atol=0)
+    for pool, before in ((kp, kp_before), (vp, vp_before)):
+        written = torch.zeros(pool.shape[:2], dtype=torch.bool)
+        for b, s in enumerate(seqlens.tolist()):
+            for pos in range(s, s + n_new):
+                written[table[b, pos // page_size], pos % page_size] = True
+        assert torch.equal(pool[~written], before[~written])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == F32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours, contiguous, **tol)
+    torch.testing.assert_close(lse, lse_c, rtol=1e-5, atol=1e-5)
+    for b, s in enumerate(seqlens.tolist()):
+        total = s + n_new
+        golden, lowp = (reference.attention(q[b:b + 1].to(dt), kc[b:b + 1, :total].to(dt),
+                                            vc[b:b + 1, :total].to(dt), causal=True,
+                                            window=window)
+                        for dt in (torch.float64, dtype))
+        assert_close_to_golden(f"paged seq {b}", ours[b:b + 1], lowp, golden)
+
+
+def test_paged_decode_loop_equals_attention_on_the_whole():
+    B, S, H, D, page = 2, 13, 2, 8, 4
+    g = torch.Generator().manual_seed(5)
+    qs, ks, vs = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
+    table = torch.tensor([[5, 0, 7, 2], [1, 6, 3, 4]], dtype=torch.int32)
+    kp, vp = torch.zeros(8, page, H, D), torch.zeros(8, page, H, D)
+    with torch.inference_mode():
+        steps = [selfattn.attention_with_kvcache(qs[:, t:t + 1], kp, vp, ks[:, t:t + 1],
+                                                 vs[:, t:t + 1], cache_seqlens=t,
+                                                 block_table=table)
+                 for t in range(S)]
+    whole = selfattn.attention(qs, ks, vs, causal=True)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_paged_input_is_refused():
+    q, kc, vc, k, v = _setup(S_max=32)
+    kp, table = _paged(kc, 8)
+    vp, _ = _paged(vc, 8)
+    far = table.clone()
+    far[1, 0] = kp.shape[0]
+    negative = table.clone()
+    negative[2, 3] = -1
+    cases = [
+        (dict(cache_seqlens=32), ValueError, "needs up to 5 pages of 8"),
+        (dict(cache_seqlens=3, block_table=far), ValueError, r"block_table\[1, 0\] = 15"),
+        (dict(cache_seqlens=torch.tensor([0, 0, 24]), block_table=negative), ValueError,
+         r"block_table\[2, 3\] = -1"),
+        (dict(cache_seqlens=0, block_table=table.long()), TypeError, "int32"),
+        (dict(cache_seqlens=0, block_table=table[:2]), TypeError, r"shape \(3, max_pages\)"),
+    ]
+    for kw, exc, words in cases:
+        args = dict(k=k, v=v, block_table=table)
+        args.update(kw)
+        before = kp.clone()
+        with torch.no_grad(), pytest.raises(exc, match=words):
+            selfattn.attention_with_kvcache(q, kp, vp, **args)
+        assert torch.equal(kp, before)  # nothing written before the refusal
+    with torch.no_grad(), pytest.raises(ValueError, match="pools of one number"):
+        selfattn.attention_with_kvcache(q, kp, vp[:, :4], k, v, cache_seqlens=0,
+                                        block_table=table)
+    with pytest.raises(ValueError, match="inference only"):
+        selfattn.attention_with_kvcache(q.requires_grad_(), kp, vp, k, v, cache_seqlens=0,
+                                        block_table=table)
+
+
+def test_paged_kv_cache_layer_hands_out_pages_as_sequences_grow():
+    """selfattn.nn.KVCache(page_size=...): the layer generates as with the
+    preallocated cache, pages are taken only as the sequences grow, a pool
+    too small raises clearly, and reset() frees every page."""
+    torch.manual_seed(0)
+    layer = selfattn.nn.CausalSelfAttention(32, 4, num_kv_heads=2, rotary=True).eval()
+    x = torch.randn(2, 11, 32)
+    cache = selfattn.nn.KVCache(2, 16, 2, 8, page_size=4, num_pages=6)
+    with torch.no_grad():
+        whole = layer(x)
+        steps = [layer(x[:, :6], cache=cache)]
+        assert (cache.block_table >= 0).sum().item() == 4  # 2 pages of 4 per sequence
+        steps += [layer(x[:, t:t + 1], cache=cache) for t in range(6, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [11, 11]
+    held = cache.block_table[cache.block_table >= 0]
+    assert held.numel() == 6 and held.unique().numel() == 6
+    with torch.no_grad(), pytest.raises(ValueError, match="pages are all in use"):
+        layer(x[:, :2], cache=cache)
+    cache.reset()
+    assert (cache.block_table == -1).all() and sorted(cache._free) == list(range(6))
+    with torch.no_grad(), pytest.raises(ValueError, match="past max_len = 16"):
+        layer(torch.randn(2, 17, 32), cache=cache)

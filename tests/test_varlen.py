@@ -243,3 +243,105 @@ def test_multihead_attention_on_jagged_nested_tensors():
         ours(nj, nj, nj)
     with pytest.raises(TypeError, match="must all be jagged"):
         ours(nj, torch.randn(3, 9, E), nj, need_weights=False)
+
+
+# ---------------------------------------------------------------------------
+# Paged keys and values (block_table): torch's varlen_attn layout, inference only.
+
+def _pool(k, k_lens, page_size, seed=2):
+    """The packed keys (Tk, H, D) as a pool of pages in shuffled order among
+    spare pages of noise, and the (N, max_pages) int32 block table."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-n // page_size) for n in k_lens]
+    max_pages = max(pages + [1])
+    num_pages = sum(pages) + 2
+    order = torch.randperm(num_pages, generator=g)
+    pool = torch.randn(num_pages, page_size, *k.shape[1:], generator=g).to(k.dtype)
+    table = torch.full((len(k_lens), max_pages), -7, dtype=torch.int32)  # unused entries: junk
+    start, used = 0, 0
+    for b, n in enumerate(k_lens):
+        for i in range(pages[b]):
+            page = int(order[used])
+            used += 1
+            table[b, i] = page
+            rows = k[start + i * page_size:start + min(n, (i + 1) * page_size)]
+            pool[page, :rows.shape[0]] = rows
+        start += n
+    return pool, table
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("page_size", [1, 7, 64, 256])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 0)], ids=["full", "causal", "win"])
+def test_paged_keys_equal_packed_ones(dtype, page_size, window):
+    q_lens, k_lens = [1, 0, 9, 3], [300, 5, 70, 0]
+    q, k, v, _ = _packed(q_lens, k_lens, Hq=4, Hkv=2, D=16, Dv=24, dtype=dtype)
+    kp, table = _pool(k, k_lens, page_size)
+    vp, _ = _pool(v, k_lens, page_size)
+    used = torch.tensor(k_lens, dtype=torch.int32)
+    with torch.no_grad():
+        packed, lse = selfattn.varlen_attention(q, k, v, _cu(q_lens), _cu(k_lens), 9, 300,
+                                                window_size=window, enable_gqa=True,
+                                                return_lse=True)
+        paged, lse_p = selfattn.varlen_attention(q, kp, vp, _cu(q_lens), None, 9, 300,
+                                                 window_size=window, enable_gqa=True,
+                                                 seqused_k=used, block_table=table,
+                                                 return_lse=True)
+    torch.testing.assert_close(paged, packed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_p, lse, rtol=1e-5, atol=1e-5)
+    golden, lowp = (_per_sequence(q, k, v, torch.zeros_like(packed), q_lens, k_lens, dt,
+                                  window)[0] for dt in (F64, dtype))
+    _check("paged", [paged], [lowp], [golden])
+
+
+def test_paged_opcheck_and_compile():
+    q_lens, k_lens = [3, 2], [10, 17]
+    q, k, v, _ = _packed(q_lens, k_lens, Hq=2, Hkv=1)
+    kp, table = _pool(k, k_lens, 4)
+    vp, _ = _pool(v, k_lens, 4)
+    used = torch.tensor(k_lens)
+    args = (q, kp, vp, _cu(q_lens), _cu([0, 0]), used, None, 0.25, -1, 0, 0.0, table)
+    torch.library.opcheck(torch.ops.selfattn.varlen_forward.default, args)
+
+    def fn(a, b, c):
+        return selfattn.varlen_attention(a, b, c, _cu(q_lens), None, 3, 17, seqused_k=used,
+                                         block_table=table, window_size=(-1, 0),
+                                         enable_gqa=True)
+
+    with torch.no_grad():
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(q, kp, vp), fn(q, kp, vp))
+
+
+def test_bad_paged_input_names_the_argument():
+    q_lens, k_lens = [2, 3], [10, 17]
+    q, k, v, _ = _packed(q_lens, k_lens, Hq=2, Hkv=2)
+    kp, table = _pool(k, k_lens, 8)
+    vp, _ = _pool(v, k_lens, 8)
+    used = torch.tensor(k_lens)
+
+    def call(**kw):
+        args = dict(query=q, key=kp, value=vp, cu_seq_q=_cu(q_lens), cu_seq_k=None, max_q=3,
+                    max_k=17, seqused_k=used, block_table=table)
+        args.update(kw)
+        with torch.no_grad():
+            return selfattn.varlen_attention(**args)
+
+    far, short = table.clone(), table[:, :2]
+    far[1, 2] = kp.shape[0]
+    cases = [
+        (dict(seqused_k=None), ValueError, "needs seqused_k"),
+        (dict(key=k), ValueError, "key must be 4-D"),
+        (dict(block_table=table.long()), TypeError, "block_table must be an int32"),
+        (dict(block_table=far), RuntimeError, r"block_table\[1, 2\] = 7 is not a page"),
+        (dict(block_table=short), RuntimeError, "needs 3 pages of 8"),
+        (dict(seqused_k=torch.tensor([10, -1])), RuntimeError, r"seqused_k\[1\] = -1"),
+        (dict(value=vp[:, :4]), ValueError, "pools of one number"),
+        (dict(dropout_p=0.1), ValueError, "dropout_p must be 0"),
+    ]
+    for kw, exc, words in cases:
+        with pytest.raises(exc, match=words):
+            call(**kw)
+    with pytest.raises(ValueError, match="inference only"):
+        selfattn.varlen_attention(q.requires_grad_(), kp, vp, _cu(q_lens), None, 3, 17,
+                                  seqused_k=used, block_table=table)

@@ -381,16 +381,23 @@ void from_acc(const T* src, S* dst, int64_t n, T factor) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i] * factor);
 }
 
+// rows x cols at `src` (row stride ld), times `factor`, as a dense acc tile.
+template <typename S, typename T>
+void convert_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, T* dst,
+                  T factor = T(1)) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* row = src + r * ld;
+    T* d = dst + r * cols;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(row[c]) * factor;
+  }
+}
+
 // rows x cols of a (B, S, H, D) tensor at (b, s0, h), times `factor`, as a dense acc tile.
 template <typename S, typename T>
 void load_tile(const BSHD& t, int64_t b, int64_t s0, int64_t h, int64_t rows, int64_t cols,
                T* dst, T factor = T(1)) {
-  const S* base = static_cast<const S*>(t.ptr) + b * t.batch + s0 * t.row + h * t.head;
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* src = base + r * t.row;
-    T* d = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(src[c]) * factor;
-  }
+  convert_rows(static_cast<const S*>(t.ptr) + b * t.batch + s0 * t.row + h * t.head, t.row, rows,
+               cols, dst, factor);
 }
 
 template <typename T>
@@ -654,9 +661,11 @@ __attribute__((flatten)) void softmax_grad_tile(T* St, T* dPt, int64_t n, int64_
 // Keys j0 .. j0 + n (n <= max_keys) of one (b, hkv) in the forms the tile
 // products read: Kᵀ (D x n, row stride max_keys), V rows if `values` and K
 // rows if `key_rows`. K and V rows are the input itself when its dtype is the
-// accumulation type, else converted; without `key_rows` K is converted 16
-// rows at a time on its way to Kᵀ. A thread converts a tile once for all the
-// query rows of its task, so the extra memory is O(tile), never O(S).
+// accumulation type and the keys lie in one run of rows (always, unless the
+// keys are paged and the tile crosses a page), else converted (or gathered)
+// run by run; without `key_rows` K is converted 16 rows at a time on its way
+// to Kᵀ. A thread converts a tile once for all the query rows of its task, so
+// the extra memory is O(tile), never O(S).
 
 template <typename S, typename T>
 class KVTile {
@@ -664,7 +673,7 @@ class KVTile {
   KVTile(const AttnParams& p, int64_t max_keys, bool key_rows, bool values)
       : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values),
         kt_(p.D * (max_keys + kPad)) {
-    if constexpr (!std::is_same_v<S, T>) {
+    if (!std::is_same_v<S, T> || p.pages != nullptr) {
       kc_.resize((key_rows ? max_keys : kChunk) * p.D);
       if (values) vc_.resize(max_keys * p.Dv);
     }
@@ -672,24 +681,37 @@ class KVTile {
 
   void load(int64_t b, int64_t hk, int64_t j0, int64_t n) {
     if constexpr (std::is_same_v<S, T>) {
-      k_ = static_cast<const T*>(p_.k.ptr) + b * p_.k.batch + j0 * p_.k.row + hk * p_.k.head;
-      k_stride_ = p_.k.row;
-      v_ = static_cast<const T*>(p_.v.ptr) + b * p_.v.batch + j0 * p_.v.row + hk * p_.v.head;
-      v_stride_ = p_.v.row;
-      transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_ + kPad);
-    } else {
-      const int64_t chunk = key_rows_ ? n : kChunk;
-      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        const int64_t rows = std::min(chunk, n - c0);
-        load_tile<S>(p_.k, b, j0 + c0, hk, rows, p_.D, kc_.data());
-        transpose(kc_.data(), rows, p_.D, p_.D, kt_.data() + c0, max_keys_ + kPad);
+      if (run_length(j0, n) == n) {
+        k_ = static_cast<const T*>(p_.k.ptr) + key_row(p_, p_.k, b, j0) + hk * p_.k.head;
+        k_stride_ = p_.k.row;
+        v_ = static_cast<const T*>(p_.v.ptr) + key_row(p_, p_.v, b, j0) + hk * p_.v.head;
+        v_stride_ = p_.v.row;
+        transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_ + kPad);
+        return;
       }
-      k_ = key_rows_ ? kc_.data() : nullptr;
-      k_stride_ = p_.D;
-      if (values_) load_tile<S>(p_.v, b, j0, hk, n, p_.Dv, vc_.data());
-      v_ = vc_.data();
-      v_stride_ = p_.Dv;
     }
+    for (int64_t r0 = 0; r0 < n;) {
+      const int64_t run = run_length(j0 + r0, n - r0);
+      const S* ks = static_cast<const S*>(p_.k.ptr) + key_row(p_, p_.k, b, j0 + r0) +
+                    hk * p_.k.head;
+      const int64_t chunk = key_rows_ ? run : kChunk;
+      for (int64_t c0 = 0; c0 < run; c0 += chunk) {
+        const int64_t rows = std::min(chunk, run - c0);
+        T* kc = kc_.data() + (key_rows_ ? (r0 + c0) * p_.D : 0);
+        convert_rows(ks + c0 * p_.k.row, p_.k.row, rows, p_.D, kc);
+        transpose(kc, rows, p_.D, p_.D, kt_.data() + r0 + c0, max_keys_ + kPad);
+      }
+      if (values_) {
+        convert_rows(static_cast<const S*>(p_.v.ptr) + key_row(p_, p_.v, b, j0 + r0) +
+                         hk * p_.v.head,
+                     p_.v.row, run, p_.Dv, vc_.data() + r0 * p_.Dv);
+      }
+      r0 += run;
+    }
+    k_ = key_rows_ ? kc_.data() : nullptr;
+    k_stride_ = p_.D;
+    v_ = vc_.data();
+    v_stride_ = p_.Dv;
   }
 
   const T* k() const { return k_; }
@@ -700,6 +722,11 @@ class KVTile {
   int64_t v_stride() const { return v_stride_; }
 
  private:
+  // Keys of [j, j + n) that follow j in memory: all n, or up to j's page end.
+  int64_t run_length(int64_t j, int64_t n) const {
+    return p_.pages == nullptr ? n : std::min(n, p_.page_size - j % p_.page_size);
+  }
+
   static constexpr int64_t kChunk = 16;
   static constexpr int64_t kPad = 16;  // Kᵀ row padding: rows 1 KiB apart would share cache sets
   const AttnParams& p_;

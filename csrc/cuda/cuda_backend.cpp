@@ -5,6 +5,8 @@
 //    dims are multiples of 8 and at most 256 (padded to the bucket 64, 128 or
 //    256), every (B, S, H, D) row is 16-byte aligned, the grid fits and the
 //    tiles fit the device's shared memory;
+//    paged keys (a block table) go there when each key tile lies in one
+//    page (page_size a multiple of the tile's kBc keys);
 //  - otherwise the simple fallback kernels (fallback.cu), which take every
 //    dtype and shape (and the backward of a soft-cap with a float mask's
 //    gradient);
@@ -57,11 +59,18 @@ int flash_bucket(const AttnParams& p, at::ScalarType dtype) {
   const int64_t d = std::max(p.D, p.Dv);
   if (d > 256) return 0;
   if (p.B > 65535 || p.Hq > 65535) return 0;  // grid dims y and z
-  if (!aligned16(p.q, p.B, p.Sq, p.Hq) || !aligned16(p.k, p.B, p.Sk, p.Hkv) ||
-      !aligned16(p.v, p.B, p.Sk, p.Hkv)) {
+  const int64_t kv_batches = p.pages != nullptr ? 2 : p.B;  // a pool's page stride is used
+  if (!aligned16(p.q, p.B, p.Sq, p.Hq) || !aligned16(p.k, kv_batches, p.Sk, p.Hkv) ||
+      !aligned16(p.v, kv_batches, p.Sk, p.Hkv)) {
     return 0;
   }
   return d <= 64 ? 64 : d <= 128 ? 128 : 256;
+}
+
+// Keys per tile of the flash forward of a bucket.
+int fwd_key_tile(int bucket) {
+  return bucket == 64 ? FwdConfig<64>::kBc : bucket == 128 ? FwdConfig<128>::kBc
+                                                            : FwdConfig<256>::kBc;
 }
 
 bool smem_fits(const AttnParams& p, size_t bytes) {
@@ -112,7 +121,8 @@ void forward(const AttnParams& p0, at::ScalarType dtype) {
   const DeviceGuard guard(p.device);
   const cudaStream_t stream = current_stream();
   int bucket = flash_bucket(p, dtype);
-  if (bucket != 0 && !(aligned16(p.out, p.B, p.Sq, p.Hq) && smem_fits(p, fwd_smem(bucket)))) {
+  if (bucket != 0 && !(aligned16(p.out, p.B, p.Sq, p.Hq) && smem_fits(p, fwd_smem(bucket)) &&
+                       (p.pages == nullptr || p.page_size % fwd_key_tile(bucket) == 0))) {
     bucket = 0;
   }
   if (bucket == 0) {

@@ -45,6 +45,12 @@ template <typename T>
 __device__ __forceinline__ const T* row_ptr(const BSHD& t, int64_t b, int64_t s, int64_t h) {
   return static_cast<const T*>(t.ptr) + b * t.batch + s * t.row + h * t.head;
 }
+// Key j of batch entry b in k or v (`t`), paged or not (params.h).
+template <typename T>
+__device__ __forceinline__ const T* key_ptr(const AttnParams& p, const BSHD& t, int64_t b,
+                                            int64_t j, int64_t h) {
+  return static_cast<const T*>(t.ptr) + key_row(p, t, b, j) + h * t.head;
+}
 template <typename T>
 __device__ __forceinline__ T* row_ptr_mut(const BSHD& t, int64_t b, int64_t s, int64_t h) {
   return static_cast<T*>(t.ptr) + b * t.batch + s * t.row + h * t.head;
@@ -117,7 +123,7 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_fwd_kernel(const AttnPar
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += 32) {
     const int64_t j = j0 + lane;
     const acc_t s = j < j_hi ? score<T, acc_t>(p, vis, mods, mask_base, sq,
-                                               row_ptr<T>(p.k, b, j, hk), i, j, nullptr)
+                                               key_ptr<T>(p, p.k, b, j, hk), i, j, nullptr)
                              : neg_inf<acc_t>();
     const acc_t m_new = max(m, warp_max(s));
     const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;  // no -inf - -inf
@@ -133,7 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32) fallback_fwd_kernel(const AttnPar
     for (int jj = 0; jj < n; ++jj) {
       const acc_t pjj = __shfl_sync(0xffffffffu, pj, jj);
       if (pjj == acc_t(0)) continue;  // uniform over the warp
-      const T* v_row = row_ptr<T>(p.v, b, j0 + jj, hk);
+      const T* v_row = key_ptr<T>(p, p.v, b, j0 + jj, hk);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
         const int64_t d = lane + 32 * k;

@@ -47,17 +47,19 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
 
   if (n_lo < n_hi) {  // uniform over the CTA
     const T* q_head = static_cast<const T*>(p.q.ptr) + b * p.q.batch + h * p.q.head;
-    const T* k_head = static_cast<const T*>(p.k.ptr) + b * p.k.batch + hk * p.k.head;
-    const T* v_head = static_cast<const T*>(p.v.ptr) + b * p.v.batch + hk * p.v.head;
     const ScoreCtx sc = make_score_ctx(p, vis, b, h);
     const Dropout drop = make_dropout(p, b * p.Hq + h);
 
+    // A tile of keys lies in one page of a paged pool (page_size % kBc == 0,
+    // cuda_backend.cpp), so its rows are p.k.row apart either way.
     auto load_kv = [&](int64_t n, int stage) {
       const int64_t n0 = n * kBc;  // rows >= kv_len are zero-filled (never NaN * 0)
-      load_tile_async<kBc, kD, kThreads>(sK + stage * kBc * kD, k_head + n0 * p.k.row, p.k.row,
-                                         vis.kv_len - n0, int(p.D), k_head, tid);
-      load_tile_async<kBc, kD, kThreads>(sV + stage * kBc * kD, v_head + n0 * p.v.row, p.v.row,
-                                         vis.kv_len - n0, int(p.Dv), v_head, tid);
+      const T* k_tile = static_cast<const T*>(p.k.ptr) + key_row(p, p.k, b, n0) + hk * p.k.head;
+      const T* v_tile = static_cast<const T*>(p.v.ptr) + key_row(p, p.v, b, n0) + hk * p.v.head;
+      load_tile_async<kBc, kD, kThreads>(sK + stage * kBc * kD, k_tile, p.k.row,
+                                         vis.kv_len - n0, int(p.D), k_tile, tid);
+      load_tile_async<kBc, kD, kThreads>(sV + stage * kBc * kD, v_tile, p.v.row,
+                                         vis.kv_len - n0, int(p.Dv), v_tile, tid);
     };
     load_tile_async<kBr, kD, kThreads>(sQ, q_head + m_start * p.q.row, p.q.row, p.Sq - m_start,
                                        int(p.D), q_head, tid);

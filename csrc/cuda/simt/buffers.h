@@ -62,13 +62,18 @@ inline simt::Buffer mask(const char* name, const MaskView& m, const AttnParams& 
   return b;
 }
 
-// What every kernel reads: q, k, v, the mask, key lengths, ALiBi slopes, dropout state.
+// What every kernel reads: q, k, v (or their pools of pages and the pages
+// of the sequence's keys), the mask, key lengths, ALiBi slopes, dropout state.
 inline std::vector<simt::Buffer> inputs(const AttnParams& p) {
   const OpTypes t = op_types();
+  const bool paged = p.pages != nullptr;
+  const int64_t kv_b = paged ? p.num_pages : p.B, kv_s = paged ? p.page_size : p.Sk;
   std::vector<simt::Buffer> v = {
       bshd("q", p.q, p.B, p.Sq, p.Hq, p.D, false),
-      bshd("k", p.k, p.B, p.Sk, p.Hkv, p.D, false),
-      bshd("v", p.v, p.B, p.Sk, p.Hkv, p.Dv, false),
+      bshd("k", p.k, kv_b, kv_s, p.Hkv, p.D, false),
+      bshd("v", p.v, kv_b, kv_s, p.Hkv, p.Dv, false),
+      flat("block_table row", p.pages, paged ? (p.Sk + p.page_size - 1) / p.page_size : 0, 4,
+           false),
       flat("key_lengths", p.key_lengths, p.B, 8, false),
       flat("alibi_slopes", p.alibi_slopes, p.alibi_batch != 0 ? p.B * p.Hq : p.Hq, 4, false),
       flat("rng_state", p.rng_state, 2, 8, false),
