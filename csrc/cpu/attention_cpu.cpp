@@ -1,7 +1,9 @@
 // CPU kernels of the selfattn ops: FlashAttention's algorithm on tiles.
 //
 // Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM
-// on small problems); it streams the visible key tiles (kBlockN keys) past
+// on small problems), or per (b, hkv, rows) for the query heads of a GQA
+// group when there are few rows (decoding); it streams the visible key tiles
+// (kBlockN keys, read in place or through a paged cache's block table) past
 // the block, converting each once (KVTile), and for each sub-block of kBlockM rows
 // computes S = (scale Q) Kᵀ, soft-caps it and adds the ALiBi bias (from the
 // indices, per tile) and the mask, keeps the running row max and sum (online
@@ -755,6 +757,15 @@ inline int64_t task_rows(int64_t heads, int64_t Sq) {
   return std::min(Sq, tasks >= 4 * at::get_num_threads() ? kTaskRows : kBlockM);
 }
 
+// Query heads per forward task: with few query rows (decoding, short chunks)
+// converting and transposing K and V costs more than the products, so the
+// query heads that share a K/V head (GQA) share one task and each tile is
+// converted once for all of them, as long as that leaves a task per thread.
+inline int64_t task_heads(const AttnParams& p) {
+  const int64_t group = p.Hq / p.Hkv;
+  return group > 1 && p.Sq <= kBlockM && p.B * p.Hkv >= at::get_num_threads() ? group : 1;
+}
+
 // ---------------------------------------------------------------------------
 // Forward.
 
@@ -763,69 +774,85 @@ void forward_kernel(const AttnParams& p) {
   using T = at::opmath_type<S>;
   const Visibility vis{p};
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t rows = task_rows(p.B * p.Hq, p.Sq);
+  const int64_t heads = task_heads(p);  // consecutive query heads of one K/V head per task
+  const int64_t rows = task_rows(p.B * p.Hq / heads, p.Sq);
   const int64_t m_blocks = (p.Sq + rows - 1) / rows;
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  const int64_t grain = grain_for(rows * p.Sk * (p.D + p.Dv));
-  at::parallel_for(0, p.B * p.Hq * m_blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(heads * rows * p.Sk * (p.D + p.Dv));
+  at::parallel_for(0, p.B * (p.Hq / heads) * m_blocks, grain, [&](int64_t begin, int64_t end) {
     KVTile<S, T> kv(p, kBlockN, false, true);
-    Tile<T> Q(rows * p.D), O(rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
-    std::vector<T> row_m(rows), row_l(rows);
+    Tile<T> Q(heads * rows * p.D), O(heads * rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
+    std::vector<T> row_m(heads * rows), row_l(heads * rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks;
-      const int64_t h = (task / m_blocks) % p.Hq;
-      const int64_t b = task / (m_blocks * p.Hq);
-      const int64_t hk = h / group;
+      const int64_t h0 = (task / m_blocks) % (p.Hq / heads) * heads;
+      const int64_t b = task / (m_blocks * (p.Hq / heads));
+      const int64_t hk = h0 / group;
       const int64_t i0 = mb * rows;
       const int64_t mt = std::min(rows, p.Sq - i0);
       const int64_t j_begin = vis.lo(i0);
       const int64_t j_end = vis.hi(b, i0 + mt - 1);
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
-      S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + i0 * p.out.row + h * p.out.head;
-      std::fill(O.begin(), O.begin() + mt * p.Dv, T(0));
-      if (j_begin < j_end) load_tile<S>(p.q, b, i0, h, mt, p.D, Q.data(), scale);
+      std::fill(O.begin(), O.end(), T(0));
+      if (j_begin < j_end) {
+        for (int64_t t = 0; t < heads; ++t) {
+          load_tile<S>(p.q, b, i0, h0 + t, mt, p.D, Q.data() + t * rows * p.D, scale);
+        }
+      }
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
         kv.load(b, hk, j0, n);
-        for (int64_t r0 = 0; r0 < mt; r0 += kBlockM) {
-          const int64_t m = std::min(kBlockM, mt - r0);
-          // the keys of this tile that rows r0 .. r0 + m see
-          const int64_t s0 = std::max(j0, vis.lo(i0 + r0));
-          const int64_t sn = std::min(j0 + n, vis.hi(b, i0 + r0 + m - 1)) - s0;
-          if (sn <= 0) continue;
-          score_tile<S>(p, vis, b, h, i0 + r0, m, s0, sn, Q.data() + r0 * p.D,
-                        kv.kt() + (s0 - j0), kv.kt_stride(), Sc.data(), kBlockN);
-          for (int64_t r = 0; r < m; ++r) {
-            T* s = Sc.data() + r * kBlockN;
-            T& row_max_r = row_m[r0 + r];
-            const T m_new = next_max(row_max_r, row_max(s, sn));
-            if (m_new == neg_inf<T>()) {  // nothing visible yet in this row
-              std::fill(s, s + sn, T(0));
-              continue;
+        for (int64_t t = 0; t < heads; ++t) {
+          const int64_t h = h0 + t;
+          T* Qh = Q.data() + t * rows * p.D;
+          T* Oh = O.data() + t * rows * p.Dv;
+          T* mh = row_m.data() + t * rows;
+          T* lh = row_l.data() + t * rows;
+          for (int64_t r0 = 0; r0 < mt; r0 += kBlockM) {
+            const int64_t m = std::min(kBlockM, mt - r0);
+            // the keys of this tile that rows r0 .. r0 + m see
+            const int64_t s0 = std::max(j0, vis.lo(i0 + r0));
+            const int64_t sn = std::min(j0 + n, vis.hi(b, i0 + r0 + m - 1)) - s0;
+            if (sn <= 0) continue;
+            score_tile<S>(p, vis, b, h, i0 + r0, m, s0, sn, Qh + r0 * p.D,
+                          kv.kt() + (s0 - j0), kv.kt_stride(), Sc.data(), kBlockN);
+            for (int64_t r = 0; r < m; ++r) {
+              T* s = Sc.data() + r * kBlockN;
+              T& row_max_r = mh[r0 + r];
+              const T m_new = next_max(row_max_r, row_max(s, sn));
+              if (m_new == neg_inf<T>()) {  // nothing visible yet in this row
+                std::fill(s, s + sn, T(0));
+                continue;
+              }
+              const T alpha = m_new == row_max_r ? T(1) : std::exp(row_max_r - m_new);
+              lh[r0 + r] = lh[r0 + r] * alpha + exp_shift_sum(s, sn, m_new);
+              row_max_r = m_new;
+              if (alpha != T(1)) {
+                T* o = Oh + (r0 + r) * p.Dv;
+                at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
+              }
+              if (dropout) {
+                dropout_row(p, b * p.Hq + h, i0 + r0 + r, s0, sn, z.data());
+                at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), sn);
+              }
             }
-            const T alpha = m_new == row_max_r ? T(1) : std::exp(row_max_r - m_new);
-            row_l[r0 + r] = row_l[r0 + r] * alpha + exp_shift_sum(s, sn, m_new);
-            row_max_r = m_new;
-            if (alpha != T(1)) {
-              T* o = O.data() + (r0 + r) * p.Dv;
-              at::vec::map([alpha](Vec<T> x) { return x * Vec<T>(alpha); }, o, o, p.Dv);
-            }
-            if (dropout) {
-              dropout_row(p, b * p.Hq + h, i0 + r0 + r, s0, sn, z.data());
-              at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), sn);
-            }
+            matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * kv.v_stride(),
+                   kv.v_stride(), Oh + r0 * p.Dv, p.Dv, true);
           }
-          matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * kv.v_stride(),
-                 kv.v_stride(), O.data() + r0 * p.Dv, p.Dv, true);
         }
       }
-      T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
-      for (int64_t r = 0; r < mt; ++r) {
-        const bool dead = row_l[r] == T(0);
-        from_acc(O.data() + r * p.Dv, out + r * p.out.row, p.Dv, dead ? T(0) : T(1) / row_l[r]);
-        lse[i0 + r] = lse_of(row_m[r], row_l[r]);
+      for (int64_t t = 0; t < heads; ++t) {
+        const int64_t h = h0 + t;
+        S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + i0 * p.out.row + h * p.out.head;
+        T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
+        for (int64_t r = 0; r < mt; ++r) {
+          const T l = row_l[t * rows + r];
+          from_acc(O.data() + (t * rows + r) * p.Dv, out + r * p.out.row, p.Dv,
+                   l == T(0) ? T(0) : T(1) / l);
+          lse[i0 + r] = lse_of(row_m[t * rows + r], l);
+        }
       }
     }
     matmul_release();
