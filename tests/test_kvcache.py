@@ -240,3 +240,49 @@ def test_paged_kv_cache_layer_hands_out_pages_as_sequences_grow():
     assert (cache.block_table == -1).all() and sorted(cache._free) == list(range(6))
     with torch.no_grad(), pytest.raises(ValueError, match="past max_len = 16"):
         layer(torch.randn(2, 17, 32), cache=cache)
+
+
+# ---------------------------------------------------------------------------
+# Split-KV: with few query rows and fewer tasks than threads, the CPU forward
+# splits each task's keys across threads and merges through the logsumexp.
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(causal=True),
+    dict(window=(1500, 0)),
+    dict(causal=True, softcap=8.0, alibi_slopes=torch.tensor([0.01, 0.02, 0.05, 0.1])),
+    dict(dropout_p=0.2, generator="g"),
+    dict(attn_mask="bool"),
+    dict(key_lengths=torch.tensor([3000])),
+], ids=["full", "causal", "window", "modifiers", "dropout", "bool_mask", "key_lengths"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_split_kv_equals_one_split(kw, dtype):
+    """B = 1, one K/V head, 1 or 3 queries over 5000 keys: 8 threads split the
+    keys (up to 4 ranges of >= 1024), 1 thread does not; same output and lse
+    within float rounding, and the reference's within DESIGN.md's bound."""
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 3):
+        q = torch.randn(1, n, 4, 32, generator=g).to(dtype)
+        k, v = (torch.randn(1, 5000, 1, 32, generator=g).to(dtype) for _ in range(2))
+        args = dict(kw)
+        if args.get("attn_mask") == "bool":
+            args["attn_mask"] = torch.rand(1, 4, n, 5000, generator=g) > 0.3
+        results = []
+        for threads in (1, 8):
+            if args.get("generator") is not None:
+                args["generator"] = torch.Generator().manual_seed(3)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                results.append(selfattn.attention(q, k, v, return_lse=True, **args))
+            finally:
+                torch.set_num_threads(before)
+        (one, lse1), (split, lse8) = results
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == F32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(split, one, **tol)
+        torch.testing.assert_close(lse8, lse1, rtol=1e-5, atol=1e-5)
+        if "dropout_p" not in args:
+            ref = dict(args)
+            golden, lowp = (reference.attention(q.to(dt), k.to(dt), v.to(dt), **ref)
+                            for dt in (torch.float64, dtype))
+            assert_close_to_golden(f"split-kv n={n}", split, lowp, golden)

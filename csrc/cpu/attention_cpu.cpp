@@ -2,12 +2,14 @@
 //
 // Forward: one task per (b, hq, block of query rows: kTaskRows, or kBlockM
 // on small problems), or per (b, hkv, rows) for the query heads of a GQA
-// group when there are few rows (decoding); it streams the visible key tiles
-// (kBlockN keys, read in place or through a paged cache's block table) past
-// the block, converting each once (KVTile), and for each sub-block of kBlockM rows
-// computes S = (scale Q) Kᵀ, soft-caps it and adds the ALiBi bias (from the
-// indices, per tile) and the mask, keeps the running row max and sum (online
-// softmax) and accumulates O += P V.
+// group when there are few rows (decoding), and then, when such tasks leave
+// threads idle, per range of keys too (split-KV: partial results merged
+// through their logsumexp after the parallel loop). A task streams the
+// visible key tiles (kBlockN keys, read in place or through a paged cache's
+// block table) past its rows, converting each once (KVTile), and for each
+// sub-block of kBlockM rows computes S = (scale Q) Kᵀ, soft-caps it and
+// adds the ALiBi bias (from the indices, per tile) and the mask, keeps the
+// running row max and sum (online softmax) and accumulates O += P V.
 // Backward: delta = rowsum(dO ∘ O); then one task per (b, hkv) (or per key
 // block of it when there are fewer heads than threads) that visits every
 // query head of the group, its key blocks and the query tiles that see them,
@@ -757,13 +759,28 @@ inline int64_t task_rows(int64_t heads, int64_t Sq) {
   return std::min(Sq, tasks >= 4 * at::get_num_threads() ? kTaskRows : kBlockM);
 }
 
+// Keys per split of split-KV (key_splits below).
+constexpr int64_t kSplitKeys = 4 * kBlockN;
+
 // Query heads per forward task: with few query rows (decoding, short chunks)
 // converting and transposing K and V costs more than the products, so the
 // query heads that share a K/V head (GQA) share one task and each tile is
-// converted once for all of them, as long as that leaves a task per thread.
+// converted once for all of them, as long as that leaves a task per thread
+// or the keys are many enough for split-KV to make up for it.
 inline int64_t task_heads(const AttnParams& p) {
   const int64_t group = p.Hq / p.Hkv;
-  return group > 1 && p.Sq <= kBlockM && p.B * p.Hkv >= at::get_num_threads() ? group : 1;
+  const bool enough = p.B * p.Hkv >= at::get_num_threads() || p.Sk >= 2 * kSplitKeys;
+  return group > 1 && p.Sq <= kBlockM && enough ? group : 1;
+}
+
+// Key splits per forward task (split-KV): when the tasks leave threads idle
+// and the query rows are few (decoding a long cache with a small batch),
+// each task's keys are split into ranges of at least kSplitKeys, computed by
+// tasks of their own and merged through their logsumexp.
+inline int64_t key_splits(int64_t tasks, int64_t Sq, int64_t Sk) {
+  const int64_t threads = at::get_num_threads();
+  if (Sq > kBlockM || tasks >= threads) return 1;
+  return std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, Sk / kSplitKeys));
 }
 
 // ---------------------------------------------------------------------------
@@ -777,22 +794,35 @@ void forward_kernel(const AttnParams& p) {
   const int64_t heads = task_heads(p);  // consecutive query heads of one K/V head per task
   const int64_t rows = task_rows(p.B * p.Hq / heads, p.Sq);
   const int64_t m_blocks = (p.Sq + rows - 1) / rows;
+  const int64_t blocks = p.B * (p.Hq / heads) * m_blocks;
+  const int64_t splits = key_splits(blocks, p.Sq, p.Sk);
+  // split-KV partial results, per split and (b, h, i): unnormalized O, row max and sum
+  std::vector<T> part_o(splits > 1 ? splits * p.B * p.Hq * p.Sq * p.Dv : 0);
+  std::vector<T> part_m(splits > 1 ? splits * p.B * p.Hq * p.Sq : 0), part_l(part_m.size());
   const bool dropout = p.dropout_threshold > 0;
   const T scale = static_cast<T>(p.scale);
-  const int64_t grain = grain_for(heads * rows * p.Sk * (p.D + p.Dv));
-  at::parallel_for(0, p.B * (p.Hq / heads) * m_blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(heads * rows * p.Sk / splits * (p.D + p.Dv));
+  at::parallel_for(0, blocks * splits, grain, [&](int64_t begin, int64_t end) {
     KVTile<S, T> kv(p, kBlockN, false, true);
     Tile<T> Q(heads * rows * p.D), O(heads * rows * p.Dv), Sc(kBlockM * kBlockN), z(kBlockN);
     std::vector<T> row_m(heads * rows), row_l(heads * rows);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % m_blocks;
-      const int64_t h0 = (task / m_blocks) % (p.Hq / heads) * heads;
-      const int64_t b = task / (m_blocks * (p.Hq / heads));
+      const int64_t split = task % splits;
+      const int64_t mb = task / splits % m_blocks;
+      const int64_t h0 = (task / (splits * m_blocks)) % (p.Hq / heads) * heads;
+      const int64_t b = task / (splits * m_blocks * (p.Hq / heads));
       const int64_t hk = h0 / group;
       const int64_t i0 = mb * rows;
       const int64_t mt = std::min(rows, p.Sq - i0);
-      const int64_t j_begin = vis.lo(i0);
-      const int64_t j_end = vis.hi(b, i0 + mt - 1);
+      int64_t j_begin = vis.lo(i0);
+      int64_t j_end = vis.hi(b, i0 + mt - 1);
+      if (splits > 1 && j_begin < j_end) {  // this split's whole tiles of the key range
+        const int64_t tiles = (j_end - j_begin + kBlockN - 1) / kBlockN;
+        const int64_t per = (tiles + splits - 1) / splits;
+        const int64_t first = j_begin + split * per * kBlockN;
+        j_end = std::min(j_end, first + per * kBlockN);
+        j_begin = first;
+      }
       std::fill(row_m.begin(), row_m.end(), neg_inf<T>());
       std::fill(row_l.begin(), row_l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
@@ -845,17 +875,51 @@ void forward_kernel(const AttnParams& p) {
       }
       for (int64_t t = 0; t < heads; ++t) {
         const int64_t h = h0 + t;
+        const int64_t row0 = (b * p.Hq + h) * p.Sq + i0;  // (b, h, i0) in (B, Hq, Sq)
+        if (splits > 1) {
+          const int64_t at = split * p.B * p.Hq * p.Sq + row0;
+          std::copy_n(O.data() + t * rows * p.Dv, mt * p.Dv, part_o.data() + at * p.Dv);
+          std::copy_n(row_m.data() + t * rows, mt, part_m.data() + at);
+          std::copy_n(row_l.data() + t * rows, mt, part_l.data() + at);
+          continue;
+        }
         S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + i0 * p.out.row + h * p.out.head;
-        T* lse = static_cast<T*>(p.lse) + (b * p.Hq + h) * p.Sq;
+        T* lse = static_cast<T*>(p.lse) + row0;
         for (int64_t r = 0; r < mt; ++r) {
           const T l = row_l[t * rows + r];
           from_acc(O.data() + (t * rows + r) * p.Dv, out + r * p.out.row, p.Dv,
                    l == T(0) ? T(0) : T(1) / l);
-          lse[i0 + r] = lse_of(row_m[t * rows + r], l);
+          lse[r] = lse_of(row_m[t * rows + r], l);
         }
       }
     }
     matmul_release();
+  });
+  if (splits == 1) return;
+  // merge: out = sum_s exp(m_s - M) O_s / L, L = sum_s exp(m_s - M) l_s, M = max_s m_s
+  const int64_t total = p.B * p.Hq * p.Sq;
+  at::parallel_for(0, total, grain_for(splits * p.Dv), [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(p.Dv);
+    for (int64_t row = begin; row < end; ++row) {
+      T M = neg_inf<T>();
+      for (int64_t sp = 0; sp < splits; ++sp) M = next_max(M, part_m[sp * total + row]);
+      std::fill(acc.begin(), acc.end(), T(0));
+      T L = 0;
+      if (M != neg_inf<T>()) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const T m = part_m[sp * total + row];
+          if (m == neg_inf<T>()) continue;  // no visible key in this split
+          const T w = std::exp(m - M);
+          L += w * part_l[sp * total + row];
+          const T* o = part_o.data() + (sp * total + row) * p.Dv;
+          for (int64_t d = 0; d < p.Dv; ++d) acc[d] += w * o[d];
+        }
+      }
+      const int64_t i = row % p.Sq, h = row / p.Sq % p.Hq, b = row / (p.Sq * p.Hq);
+      S* out = static_cast<S*>(p.out.ptr) + b * p.out.batch + i * p.out.row + h * p.out.head;
+      from_acc(acc.data(), out, p.Dv, L == T(0) ? T(0) : T(1) / L);
+      static_cast<T*>(p.lse)[row] = lse_of(M, L);
+    }
   });
 }
 
