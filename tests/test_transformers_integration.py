@@ -137,3 +137,31 @@ def test_llama_packed_batch_runs_varlen():
         torch.testing.assert_close(explicit, logits, atol=1e-9, rtol=1e-9)
         cached = [m(input_ids=ids, position_ids=position_ids).logits for m in (ours, sdpa)]
         torch.testing.assert_close(*cached, atol=1e-9, rtol=1e-9)
+
+
+def test_generation_with_selfattn_cache_writes_in_place():
+    """make_cache: greedy generation gives eager's tokens (with transformers'
+    own DynamicCache), the layers' buffers never move (no per-step copy), and
+    a prompt that does not fit is refused."""
+    from selfattn.integrations.transformers import make_cache
+
+    eager, _, ours = _models(transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                             vocab_size=101, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64)
+    ids = _ids(2, 5, 101)
+    kw = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    cache = make_cache(ours.config, 16)
+    with torch.no_grad():
+        want = eager.generate(ids, **kw)
+        ours(ids[:, :1], past_key_values=cache, use_cache=True)  # allocates the buffers
+        ptrs = [(layer._k.data_ptr(), layer._v.data_ptr()) for layer in cache.layers]
+        cache.reset()
+        got = ours.generate(ids, past_key_values=cache, **kw)
+    torch.testing.assert_close(got, want)
+    assert [(layer._k.data_ptr(), layer._v.data_ptr()) for layer in cache.layers] == ptrs
+    assert cache.get_seq_length() == 5 + 7 - 1
+    with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len = 4"):
+        ours.generate(ids, past_key_values=make_cache(ours.config, 4), **kw)
+    with pytest.raises(ValueError, match="max_cache_len must be"):
+        make_cache(ours.config, 0)

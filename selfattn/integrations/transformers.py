@@ -21,9 +21,16 @@ sequences in one row: the flash-attention kwargs cu_seq_lens_q/k of
 DataCollatorWithFlattening, or restarting position_ids for which transformers
 built its packed block-diagonal mask) run the packed varlen kernels: each
 sequence attends to itself only, and no work goes to the masked blocks.
+
+Generation: `make_cache(config, max_cache_len)` is a transformers Cache
+(pass it as `past_key_values`, or `cache` in recent transformers) whose layers preallocate their keys and
+values in selfattn's (B, S, H, D) layout, write each step's new tokens in
+place and hand the attention views of the valid prefix: no step copies the
+cache (transformers' default DynamicCache concatenates, copying it whole).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -34,7 +41,7 @@ from ..varlen import varlen_attention
 
 NAME = "selfattn"
 
-__all__ = ["NAME", "register", "selfattn_attention_forward"]
+__all__ = ["NAME", "make_cache", "register", "selfattn_attention_forward"]
 
 
 def selfattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -126,3 +133,84 @@ def register(name: str = NAME) -> None:
                           "(pip install transformers)") from e
     AttentionInterface.register(name, selfattn_attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_layer_class():
+    from transformers.cache_utils import CacheLayerMixin
+
+    class SelfattnCacheLayer(CacheLayerMixin):
+        """One attention layer's cache: (B, max_cache_len, H, D) buffers,
+        written in place; keys/values are (B, H, length, D) views of them."""
+
+        is_compileable = False
+        is_croppable = False
+        is_sliding = False
+
+        def __init__(self, max_cache_len: int):
+            super().__init__()
+            self.max_cache_len = max_cache_len
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            B, H, _, D = key_states.shape
+            self.device = key_states.device
+            self._k = key_states.new_zeros(B, self.max_cache_len, H, D)
+            self._v = value_states.new_zeros(B, self.max_cache_len, H, value_states.shape[-1])
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.max_cache_len:
+                raise ArgumentError(f"selfattn cache: {end} tokens do not fit max_cache_len = "
+                                    f"{self.max_cache_len}")
+            self._k[:, self.length:end] = key_states.transpose(1, 2)
+            self._v[:, self.length:end] = value_states.transpose(1, 2)
+            self.length = end
+            self.keys = self._k[:, :end].transpose(1, 2)
+            self.values = self._v[:, :end].transpose(1, 2)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int):
+            return self.length + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return self.max_cache_len
+
+        def reset(self) -> None:
+            self.length = 0
+            self.keys = self.values = None
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            if self.is_initialized:
+                beam_idx = beam_idx.to(self.device)
+                self._k.copy_(self._k.index_select(0, beam_idx))
+                self._v.copy_(self._v.index_select(0, beam_idx))
+                self.keys = self._k[:, :self.length].transpose(1, 2)
+                self.values = self._v[:, :self.length].transpose(1, 2)
+
+    return SelfattnCacheLayer
+
+
+def make_cache(config, max_cache_len: int):
+    """A transformers Cache for generation with selfattn: one preallocated
+    layer per attention layer of `config` (prompt plus new tokens must fit
+    max_cache_len), written in place, no copy of the cache per step. Models
+    with sliding-window or other non-full attention layers are refused."""
+    from transformers.cache_utils import Cache
+
+    text = config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ArgumentError(f"selfattn make_cache: only full-attention layers are supported, "
+                            f"the model has {sorted(kinds)}")
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise ArgumentError(f"selfattn make_cache: max_cache_len must be an int >= 1, got "
+                            f"{max_cache_len!r}")
+    layer = _cache_layer_class()
+    return Cache(layers=[layer(max_cache_len) for _ in range(text.num_hidden_layers)])
