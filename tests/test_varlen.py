@@ -294,12 +294,17 @@ def test_paged_keys_equal_packed_ones(dtype, page_size, window):
     _check("paged", [paged], [lowp], [golden])
 
 
+def _paged_case(q_lens, k_lens, Hkv, page_size):
+    """q, the key and value pools, their block table and seqused_k."""
+    q, k, v, _ = _packed(q_lens, k_lens, Hq=2, Hkv=Hkv)
+    kp, table = _pool(k, k_lens, page_size)
+    vp, _ = _pool(v, k_lens, page_size)
+    return q, kp, vp, table, torch.tensor(k_lens)
+
+
 def test_paged_opcheck_and_compile():
     q_lens, k_lens = [3, 2], [10, 17]
-    q, k, v, _ = _packed(q_lens, k_lens, Hq=2, Hkv=1)
-    kp, table = _pool(k, k_lens, 4)
-    vp, _ = _pool(v, k_lens, 4)
-    used = torch.tensor(k_lens)
+    q, kp, vp, table, used = _paged_case(q_lens, k_lens, 1, 4)
     args = (q, kp, vp, _cu(q_lens), _cu([0, 0]), used, None, 0.25, -1, 0, 0.0, table)
     torch.library.opcheck(torch.ops.selfattn.varlen_forward.default, args)
 
@@ -315,10 +320,8 @@ def test_paged_opcheck_and_compile():
 
 def test_bad_paged_input_names_the_argument():
     q_lens, k_lens = [2, 3], [10, 17]
-    q, k, v, _ = _packed(q_lens, k_lens, Hq=2, Hkv=2)
-    kp, table = _pool(k, k_lens, 8)
-    vp, _ = _pool(v, k_lens, 8)
-    used = torch.tensor(k_lens)
+    q, kp, vp, table, used = _paged_case(q_lens, k_lens, 2, 8)
+    k = torch.randn(sum(k_lens), 2, 16)
 
     def call(**kw):
         args = dict(query=q, key=kp, value=vp, cu_seq_q=_cu(q_lens), cu_seq_k=None, max_q=3,
