@@ -371,9 +371,10 @@ std::vector<Sequence> sequences(const at::Tensor& q, const at::Tensor& k,
   }
   std::vector<Sequence> seqs;
   for (int64_t b = 0; b < n; ++b) {
-    int64_t k_len = paged ? std::numeric_limits<int64_t>::max() : ok[b + 1] - ok[b];
-    if (!used.empty()) {
-      TORCH_CHECK(used[b] >= 0 && used[b] <= k_len, "selfattn: seqused_k[", b, "] = ", used[b],
+    int64_t k_len = ok[b + 1] - ok[b];
+    if (!used.empty()) {  // paged: the block table bounds the count (check_block_table)
+      TORCH_CHECK(used[b] >= 0, "selfattn: seqused_k[", b, "] = ", used[b], " must be >= 0");
+      TORCH_CHECK(paged || used[b] <= k_len, "selfattn: seqused_k[", b, "] = ", used[b],
                   " must lie in [0, ", k_len, "], the sequence's keys");
       k_len = used[b];
     }

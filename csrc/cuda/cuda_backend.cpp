@@ -59,7 +59,7 @@ int flash_bucket(const AttnParams& p, at::ScalarType dtype) {
   const int64_t d = std::max(p.D, p.Dv);
   if (d > 256) return 0;
   if (p.B > 65535 || p.Hq > 65535) return 0;  // grid dims y and z
-  const int64_t kv_batches = p.pages != nullptr ? 2 : p.B;  // a pool's page stride is used
+  const int64_t kv_batches = p.pages != nullptr ? p.num_pages : p.B;  // pages of a pool
   if (!aligned16(p.q, p.B, p.Sq, p.Hq) || !aligned16(p.k, kv_batches, p.Sk, p.Hkv) ||
       !aligned16(p.v, kv_batches, p.Sk, p.Hkv)) {
     return 0;
