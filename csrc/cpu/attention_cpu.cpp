@@ -5,8 +5,8 @@
 // group when there are few rows (decoding), and then, when such tasks leave
 // threads idle, per range of keys too (split-KV: partial results merged
 // through their logsumexp after the parallel loop). A task streams the
-// visible key tiles (kBlockN keys, read in place or through a paged cache's
-// block table) past its rows, converting each once (KVTile), and for each
+// visible key tiles (kBlockN keys, contiguous or through a paged cache's
+// block table) past its rows, copying each once into dense tiles (KVTile), and for each
 // sub-block of kBlockM rows computes S = (scale Q) Kᵀ, soft-caps it and
 // adds the ALiBi bias (from the indices, per tile) and the mask, keeps the
 // running row max and sum (online softmax) and accumulates O += P V.
@@ -331,48 +331,49 @@ inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 #endif
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 
-// 1 / x for x in [1, 2^20]: the hardware's estimate refined by one Newton
-// step r(2 - x r) (within 2 ulp), cheaper than a division on every x86 core
-// (a 256-bit division takes ~5-10 cycles of throughput on AMD Zen 1-2).
-inline Vec<float> vrecip(const Vec<float>& x) {
+// An estimate r of 1 / x for x in [1, 2^20]: the hardware's (12 bits) on x86,
+// where r · (2 - x r), one Newton step, is then within 2 ulp of 1 / x and
+// cheaper than a division (a 256-bit division takes ~5-10 cycles of
+// throughput on AMD Zen 1-2); elsewhere the division itself (the Newton
+// factor is then 1).
+inline Vec<float> vrecip_estimate(const Vec<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const Vec<float> r(_mm512_rcp14_ps(x));
+  return Vec<float>(_mm512_rcp14_ps(x));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const Vec<float> r(_mm256_rcp_ps(x));
-#endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return r * at::vec::fnmadd(x, r, Vec<float>(2.f));
+  return Vec<float>(_mm256_rcp_ps(x));
 #else
   return Vec<float>(1.f) / x;
 #endif
 }
 
 // The soft-cap c · tanh(x / c), and tanh(x / c) itself in *t when asked (the
-// backward's 1 - tanh²). For float: tanh(y) = y · P(y²) / Q(y²) on
+// backward's 1 - tanh²). For float: tanh(y) = y · P(u) / Q(u), u = y², on
 // |y| <= 9 (tanh(9) rounds to 1), with P and Q of degree 4 and
 // P(0) = Q(0) = 1 (so Q lies in [1, 420]): a rational fit to tanh(y)/y by
 // Lawson-weighted least squares on [0, 9], whose float evaluation is within
-// 9 ulp of tanh (6 with an exact 1 / Q), and c · y = x on that range. NaN
-// stays NaN, ±inf gives ±c; a result may round 1 ulp beyond ±c. A fraction
-// of Sleef's tanh's cost, which made soft-capping cost up to +80 % of the
-// forward.
+// 9 ulp of tanh (6 with an exact 1 / Q). Beyond 9, u is clamped to 81 and x
+// to ±9c, so the result is ±c; NaN stays NaN; a result may round 1 ulp
+// beyond ±c. P and Q are evaluated in Estrin's scheme and x · P is formed
+// while 1 / Q is refined: the chain of dependent operations is what bounds
+// this on CPUs with few vector units. A fraction of Sleef's tanh's cost,
+// which made soft-capping cost up to +80 % of the forward.
 inline Vec<float> vsoftcap(const Vec<float>& x, float c, float inv_c, Vec<float>* t) {
   using V = Vec<float>;
   const V one(1.f);
-  const V xc = at::vec::clamp(x, V(-9.f * c), V(9.f * c));  // NaN stays NaN
-  const V y = xc * V(inv_c);
-  const V u = y * y;
-  V p = at::vec::fmadd(V(1.341840328e-08f), u, V(2.066036905e-05f));
-  p = at::vec::fmadd(p, u, V(3.498948878e-03f));
-  p = at::vec::fmadd(p, u, V(1.338394284e-01f));
-  p = at::vec::fmadd(p, u, one);
-  V q = at::vec::fmadd(V(7.804184179e-07f), u, V(3.290955792e-04f));
-  q = at::vec::fmadd(q, u, V(2.589003555e-02f));
-  q = at::vec::fmadd(q, u, V(4.671726525e-01f));
-  q = at::vec::fmadd(q, u, one);
-  const V ratio = p * vrecip(q);  // tanh(y) / y
-  if (t != nullptr) *t = y * ratio;
-  return xc * ratio;
+  const V y = x * V(inv_c);
+  const V u = at::vec::clamp_max(y * y, V(81.f));
+  const V u2 = u * u;
+  const V p = at::vec::fmadd(
+      at::vec::fmadd(V(1.341840328e-08f), u2, at::vec::fmadd(V(2.066036905e-05f), u, V(3.498948878e-03f))),
+      u2, at::vec::fmadd(V(1.338394284e-01f), u, one));
+  const V q = at::vec::fmadd(
+      at::vec::fmadd(V(7.804184179e-07f), u2, at::vec::fmadd(V(3.290955792e-04f), u, V(2.589003555e-02f))),
+      u2, at::vec::fmadd(V(4.671726525e-01f), u, one));
+  const V xp = at::vec::clamp(x, V(-9.f * c), V(9.f * c)) * p;  // NaN stays NaN
+  const V r = vrecip_estimate(q);
+  const V out = (xp * r) * at::vec::fnmadd(q, r, V(2.f));
+  if (t != nullptr) *t = out * V(inv_c);
+  return out;
 }
 inline Vec<double> vsoftcap(const Vec<double>& x, double c, double inv_c, Vec<double>* t) {
   const Vec<double> th = (x * Vec<double>(inv_c)).tanh();
@@ -663,37 +664,26 @@ __attribute__((flatten)) void softmax_grad_tile(T* St, T* dPt, int64_t n, int64_
 
 // ---------------------------------------------------------------------------
 // Keys j0 .. j0 + n (n <= max_keys) of one (b, hkv) in the forms the tile
-// products read: Kᵀ (D x n, row stride max_keys), V rows if `values` and K
-// rows if `key_rows`. K and V rows are the input itself when its dtype is the
-// accumulation type and the keys lie in one run of rows (always, unless the
-// keys are paged and the tile crosses a page), else converted (or gathered)
-// run by run; without `key_rows` K is converted 16 rows at a time on its way
-// to Kᵀ. A thread converts a tile once for all the query rows of its task, so
-// the extra memory is O(tile), never O(S).
+// products read, as dense tiles of the accumulation type: Kᵀ (D x n, row
+// stride max_keys + kPad), V rows (n x Dv) if `values` and K rows (n x D) if
+// `key_rows`, copied (converted, gathered across a paged cache's pages) run
+// by run; without `key_rows` K goes 16 rows at a time on its way to Kᵀ. The
+// products never read K or V in place, even in float32: rows H·D apart
+// (4 KiB at H = 8, D = 128) fall into a few cache sets, which cost the D = 128
+// forward 25 % on an AVX2 Zen 1 (benchmarks/NOTES.md, section 14). A thread
+// converts a tile once for all the query rows of its task, so the extra
+// memory is O(tile), never O(S).
 
 template <typename S, typename T>
 class KVTile {
  public:
   KVTile(const AttnParams& p, int64_t max_keys, bool key_rows, bool values)
       : p_(p), max_keys_(max_keys), key_rows_(key_rows), values_(values),
-        kt_(p.D * (max_keys + kPad)) {
-    if (!std::is_same_v<S, T> || p.pages != nullptr) {
-      kc_.resize((key_rows ? max_keys : kChunk) * p.D);
-      if (values) vc_.resize(max_keys * p.Dv);
-    }
-  }
+        kt_(p.D * (max_keys + kPad)),
+        kc_((key_rows ? max_keys : kChunk) * p.D),
+        vc_(values ? max_keys * p.Dv : 0) {}
 
   void load(int64_t b, int64_t hk, int64_t j0, int64_t n) {
-    if constexpr (std::is_same_v<S, T>) {
-      if (run_length(j0, n) == n) {
-        k_ = static_cast<const T*>(p_.k.ptr) + key_row(p_, p_.k, b, j0) + hk * p_.k.head;
-        k_stride_ = p_.k.row;
-        v_ = static_cast<const T*>(p_.v.ptr) + key_row(p_, p_.v, b, j0) + hk * p_.v.head;
-        v_stride_ = p_.v.row;
-        transpose(k_, n, p_.D, k_stride_, kt_.data(), max_keys_ + kPad);
-        return;
-      }
-    }
     for (int64_t r0 = 0; r0 < n;) {
       const int64_t run = run_length(j0 + r0, n - r0);
       const S* ks = static_cast<const S*>(p_.k.ptr) + key_row(p_, p_.k, b, j0 + r0) +
@@ -712,18 +702,12 @@ class KVTile {
       }
       r0 += run;
     }
-    k_ = key_rows_ ? kc_.data() : nullptr;
-    k_stride_ = p_.D;
-    v_ = vc_.data();
-    v_stride_ = p_.Dv;
   }
 
-  const T* k() const { return k_; }
-  int64_t k_stride() const { return k_stride_; }
+  const T* k() const { return kc_.data(); }  // with key_rows, row stride D
   const T* kt() const { return kt_.data(); }
   int64_t kt_stride() const { return max_keys_ + kPad; }
-  const T* v() const { return v_; }
-  int64_t v_stride() const { return v_stride_; }
+  const T* v() const { return vc_.data(); }  // row stride Dv
 
  private:
   // Keys of [j, j + n) that follow j in memory: all n, or up to j's page end.
@@ -737,9 +721,6 @@ class KVTile {
   const int64_t max_keys_;
   const bool key_rows_, values_;
   Tile<T> kt_, kc_, vc_;
-  const T* k_ = nullptr;
-  const T* v_ = nullptr;
-  int64_t k_stride_ = 0, v_stride_ = 0;
 };
 
 // Grain of an at::parallel_for whose tasks cost `work` multiply-adds each:
@@ -868,8 +849,8 @@ void forward_kernel(const AttnParams& p) {
                 at::vec::map2([](Vec<T> x, Vec<T> y) { return x * y; }, s, s, z.data(), sn);
               }
             }
-            matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * kv.v_stride(),
-                   kv.v_stride(), Oh + r0 * p.Dv, p.Dv, true);
+            matmul(m, p.Dv, sn, Sc.data(), kBlockN, kv.v() + (s0 - j0) * p.Dv, p.Dv,
+                   Oh + r0 * p.Dv, p.Dv, true);
           }
         }
       }
@@ -1042,9 +1023,9 @@ void backward_kernel(const AttnBwdParams& p) {
             load_tile<S>(p.dout, b, i0, h, m, p.Dv, dOc.data());
             transpose(Qc.data(), m, p.D, p.D, Qt.data(), m);
             transpose(dOc.data(), m, p.Dv, p.Dv, dOt.data(), m);
-            score_tile_t<S>(p, vis, b, h, i0, m, j0, n, kv.k(), kv.k_stride(), Qt.data(), m,
+            score_tile_t<S>(p, vis, b, h, i0, m, j0, n, kv.k(), p.D, Qt.data(), m,
                             St.data(), kBwdBlockM, dtanh.empty() ? nullptr : dtanh.data());
-            matmul(n, m, p.Dv, kv.v(), kv.v_stride(), dOt.data(), m, dPt.data(), kBwdBlockM,
+            matmul(n, m, p.Dv, kv.v(), p.Dv, dOt.data(), m, dPt.data(), kBwdBlockM,
                    false);
             // P = exp(S - lse), forced to 0 on rows that see no key (lse = -inf).
             bool nan_rows = false;
