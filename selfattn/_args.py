@@ -165,6 +165,21 @@ def _alibi_slopes(fn, slopes, B, Hq, device, q_name):
     return slopes.contiguous()
 
 
+def check_block_table(fn, block_table, rows, device, q_name):
+    """A paged cache's block table: an int32 (rows, max_pages) tensor (rows None:
+    any count, checked by the op) on `device`; the page indices are checked
+    where the pool is known."""
+    shape = f"({'N' if rows is None else rows}, max_pages)"
+    _tensor(fn, "block_table", block_table)
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or (rows is not None and block_table.shape[0] != rows):
+        raise ArgumentTypeError(f"{fn}: block_table must be an int32 tensor of shape {shape}, "
+                                f"got {block_table.dtype} of shape {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ArgumentError(f"{fn}: block_table is on {block_table.device}, but {q_name} is on "
+                            f"{device}")
+
+
 def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
                    key_lengths, dropout_p, names=("q", "k", "v"), alibi_slopes=None,
                    softcap=0.0) -> AttnArgs:

@@ -18,7 +18,7 @@ import numbers
 import torch
 
 from . import ops
-from ._args import attention_args
+from ._args import attention_args, check_block_table
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous
 
@@ -38,16 +38,6 @@ def _seqlens(cache_seqlens, B, device):
         raise ArgumentError(f"{FN}: cache_seqlens is on {cache_seqlens.device}, but q is on "
                             f"{device}")
     return cache_seqlens.to(torch.int64)
-
-
-def _check_table(block_table, B, device):
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 \
-            or block_table.dim() != 2 or block_table.shape[0] != B:
-        raise ArgumentTypeError(f"{FN}: block_table must be an int32 tensor of shape "
-                                f"({B}, max_pages), got {block_table!r}")
-    if block_table.device != device:
-        raise ArgumentError(f"{FN}: block_table is on {block_table.device}, but q is on "
-                            f"{device}")
 
 
 def _check_pages(block_table, total, page_size, num_pages):
@@ -99,7 +89,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                 f"{getattr(t, 'shape', t)!r}")
     k1, v1 = k_cache, v_cache
     if paged and isinstance(q, torch.Tensor) and q.dim() == 4:
-        _check_table(block_table, q.shape[0], q.device)
+        check_block_table(FN, block_table, q.shape[0], q.device, "q")
         if k_cache.shape[0] < 1 or k_cache.shape[:2] != v_cache.shape[:2]:
             raise ArgumentError(f"{FN}: k_cache and v_cache must be pools of one number (>= 1) "
                                 f"of pages of one size, got {tuple(k_cache.shape)} and "

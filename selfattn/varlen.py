@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from . import ops
-from ._args import attention_args
+from ._args import attention_args, check_block_table
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous, rng_state
 
@@ -43,13 +43,7 @@ def _offsets(name, t, device, what="N + 1 offsets"):
 def _check_paged(query, key, value, block_table, seqused_k, dropout_p):
     """What a paged call needs beyond the unpaged checks (the op checks the
     page indices against the pool)."""
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 \
-            or block_table.dim() != 2:
-        raise ArgumentTypeError(f"{FN}: block_table must be an int32 tensor of shape "
-                                f"(N, max_pages), got {block_table!r}")
-    if block_table.device != query.device:
-        raise ArgumentError(f"{FN}: block_table is on {block_table.device}, but query is on "
-                            f"{query.device}")
+    check_block_table(FN, block_table, None, query.device, "query")
     if seqused_k is None:
         raise ArgumentError(f"{FN}: a block_table needs seqused_k, the key count of each "
                             "sequence (as torch's varlen_attn)")
