@@ -389,9 +389,10 @@ at::Tensor rows(const at::Tensor& t, int64_t start, int64_t len) {
 }
 
 // A paged cache's block table (N, max_pages) int32, read on the host: the
-// pages that hold each sequence's keys exist and lie in the pool.
-void check_block_table(const at::Tensor& table, const at::Tensor& q, const at::Tensor& k,
-                       const std::vector<Sequence>& seqs) {
+// pages that hold each sequence's keys exist and lie in the pool. Returns the
+// table on the host (contiguous). `lengths` names the key counts in messages.
+at::Tensor check_block_table(const at::Tensor& table, const at::Tensor& q, const at::Tensor& k,
+                             const std::vector<Sequence>& seqs, const char* lengths) {
   const int64_t n = int64_t(seqs.size());
   TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == n &&
                   (table.size(1) <= 1 || table.stride(1) == 1),
@@ -404,15 +405,16 @@ void check_block_table(const at::Tensor& table, const at::Tensor& q, const at::T
   const int64_t page_size = k.size(1), num_pages = k.size(0), max_pages = table.size(1);
   for (int64_t b = 0; b < n; ++b) {
     const int64_t needed = (seqs[b].k_len + page_size - 1) / page_size;
-    TORCH_CHECK(needed <= max_pages, "selfattn: seqused_k[", b, "] = ", seqs[b].k_len,
-                " needs ", needed, " pages of ", page_size, " keys, but block_table has ",
-                max_pages, " per sequence");
+    TORCH_CHECK(needed <= max_pages, "selfattn: sequence ", b, " has ", seqs[b].k_len,
+                " keys (", lengths, "), which needs ", needed, " pages of ", page_size,
+                " keys, but block_table has ", max_pages, " per sequence");
     const int32_t* row = host.data_ptr<int32_t>() + b * max_pages;
     for (int64_t i = 0; i < needed; ++i) {
       TORCH_CHECK(row[i] >= 0 && row[i] < num_pages, "selfattn: block_table[", b, ", ", i,
                   "] = ", row[i], " is not a page of the pool (", num_pages, " pages)");
     }
   }
+  return host;
 }
 
 OpArgs sequence_args(const Sequence& s, const std::optional<at::Tensor>& none,
@@ -436,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
   if (paged) {
     TORCH_CHECK(dropout_p == 0.0, "selfattn: a paged KV cache (block_table) is for inference: "
                 "dropout_p must be 0, got ", dropout_p);
-    check_block_table(*block_table, q, k, seqs);
+    check_block_table(*block_table, q, k, seqs, "seqused_k");
   }
   const int64_t Tq = q.size(0), Hq = q.size(1), Dv = v.size(-1);
   auto out = at::zeros({Tq, Hq, Dv}, q.options());
@@ -491,6 +493,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
     dv.narrow(0, s.k0, s.k_len).copy_(std::get<2>(grads)[0]);
   }
   return {dq, dk, dv};
+}
+
+
+// ---------------------------------------------------------------------------
+// One step of generation with a KV cache (FlashAttention's
+// flash_attn_with_kvcache): k, v (B, n_new, Hkv, D|Dv) are copied into the
+// caches at rows cache_seqlens[b] .. cache_seqlens[b] + n_new - 1, then q
+// (B, n, Hq, D) attends to the first cache_seqlens[b] + n_new keys of
+// sequence b, bottom-right aligned (a batch of one per sequence, as varlen).
+// The caches are (B, S_max, Hkv, D|Dv), or with a block_table (B, max_pages)
+// pools of pages (num_pages, page_size, Hkv, D|Dv). Every check (lengths,
+// pages) runs before the first write.
+std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
+    const Backend& backend, const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left,
+    int64_t window_right) {
+  const bool paged = block_table.has_value();
+  check_qkv(q, k_cache, v_cache, paged);
+  const int64_t B = q.size(0), n = q.size(1), Hq = q.size(2), Dv = v_cache.size(3);
+  TORCH_CHECK(k.has_value() == v.has_value(), "selfattn: pass both k and v, or neither");
+  const int64_t n_new = k.has_value() ? k->size(1) : 0;
+  auto check_new = [&](const char* name, const at::Tensor& t, const at::Tensor& cache) {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == n_new &&
+                    t.sizes().slice(2) == cache.sizes().slice(2),
+                "selfattn: ", name, " must be (B, n_new, Hkv, D|Dv) = (", B, ", ", n_new, ", ",
+                cache.size(2), ", ", cache.size(3), "), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == cache.scalar_type() && t.device() == cache.device(),
+                "selfattn: ", name, " must have its cache's dtype and device (",
+                cache.scalar_type(), ", ", cache.device(), "), got ", t.scalar_type(), ", ",
+                t.device());
+  };
+  if (k.has_value()) {
+    check_new("k", *k, k_cache);
+    check_new("v", *v, v_cache);
+  }
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  (cache_seqlens.scalar_type() == at::kInt ||
+                   cache_seqlens.scalar_type() == at::kLong),
+              "selfattn: cache_seqlens must be a 1-D int32 or int64 tensor of ", B,
+              " lengths, got ", cache_seqlens.scalar_type(), " of shape ", cache_seqlens.sizes());
+  TORCH_CHECK(cache_seqlens.device() == q.device(), "selfattn: cache_seqlens must be on q's "
+              "device ", q.device(), ", got ", cache_seqlens.device());
+  const at::Tensor lens = cache_seqlens.to(at::kCPU, at::kLong).contiguous();
+  std::vector<Sequence> seqs;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens.data_ptr<int64_t>()[b];
+    TORCH_CHECK(len >= 0 && (paged || len + n_new <= k_cache.size(1)),
+                "selfattn: cache_seqlens[", b, "] + n_new = ", len, " + ", n_new,
+                " must lie in [0, S_max = ", k_cache.size(1), "]");
+    seqs.push_back({b * n, n, len, len + n_new});  // k0: where the new keys go
+  }
+  at::Tensor table;  // on the host
+  if (paged) table = check_block_table(*block_table, q, k_cache, seqs, "cache_seqlens + n_new");
+  const int64_t page_size = k_cache.size(1);
+  for (int64_t b = 0; b < B && n_new > 0; ++b) {
+    for (int64_t r = 0; r < n_new;) {  // runs of new rows within one page (or the whole cache)
+      const int64_t pos = seqs[b].k0 + r;
+      int64_t entry = b, row = pos, run = n_new - r;
+      if (paged) {
+        entry = table.data_ptr<int32_t>()[b * table.size(1) + pos / page_size];
+        row = pos % page_size;
+        run = std::min(run, page_size - row);
+      }
+      k_cache.select(0, entry).narrow(0, row, run).copy_(k->select(0, b).narrow(0, r, run));
+      v_cache.select(0, entry).narrow(0, row, run).copy_(v->select(0, b).narrow(0, r, run));
+      r += run;
+    }
+  }
+  const std::optional<at::Tensor> none;
+  auto attend = [&](int64_t b) {
+    const Sequence& s = seqs[b];
+    const OpArgs args{none, none,  none, scale, window_left, window_right, s.k_len - n,
+                      0.0,  none,  0.0,  0,     0};
+    const at::Tensor qb = q.narrow(0, b, 1);
+    if (paged) {
+      return forward_op(backend, qb, k_cache, v_cache, args,
+                        PagedKeys{block_table->data_ptr<int32_t>() + b * block_table->stride(0),
+                                  s.k_len});
+    }
+    return forward_op(backend, qb, k_cache.narrow(0, b, 1).narrow(1, 0, s.k_len),
+                      v_cache.narrow(0, b, 1).narrow(1, 0, s.k_len), args);
+  };
+  if (B == 1) return attend(0);
+  auto out = at::empty({B, n, Hq, Dv}, q.options());
+  auto lse = at::empty({B, Hq, n}, q.options().dtype(acc_dtype(q.scalar_type())));
+  for (int64_t b = 0; b < B; ++b) {
+    auto [o, l] = attend(b);
+    out.narrow(0, b, 1).copy_(o);
+    lse.narrow(0, b, 1).copy_(l);
+  }
+  return {out, lse};
 }
 
 }  // namespace selfattn

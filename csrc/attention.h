@@ -69,6 +69,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
     const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
     int64_t window_right, double dropout_p);
 
+// A KV cache step (attention.cpp): k, v (B, n_new, Hkv, D|Dv) written into the
+// caches at cache_seqlens, then q (B, n, Hq, D) attends -> out (B, n, Hq, Dv),
+// lse (B, Hq, n).
+std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
+    const Backend& backend, const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left,
+    int64_t window_right);
+
 // Registers the ops of `backend` for a dispatch key (used by the
 // TORCH_LIBRARY_IMPL blocks of the CPU and CUDA files).
 #define SELFATTN_OP_ARGS                                                                       \
@@ -111,6 +121,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
             const at::Tensor& cu_q, const at::Tensor& cu_k, SELFATTN_VARLEN_ARGS) {          \
            return ::selfattn::varlen_backward_op(backend, dout, q, k, v, out, lse, cu_q, cu_k, \
                                                  used, rng, scale, wl, wr, p);                \
+         });                                                                                  \
+  m.impl("kvcache_forward",                                                                  \
+         [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,       \
+            const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,          \
+            const at::Tensor& lens, const std::optional<at::Tensor>& block_table,            \
+            double scale, int64_t wl, int64_t wr) {                                           \
+           return ::selfattn::kvcache_forward_op(backend, q, k_cache, v_cache, k, v, lens,   \
+                                                 block_table, scale, wl, wr);                 \
          })
 
 }  // namespace selfattn

@@ -53,4 +53,14 @@ TORCH_LIBRARY(selfattn, m) {
       "varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seq_q, Tensor cu_seq_k, Tensor? seqused_k, Tensor? rng_state, float scale, "
       "int window_left, int window_right, float dropout_p) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // A KV cache step (inference): k, v (B, n_new, Hkv, D|Dv) are written in
+  // place into k_cache, v_cache at rows cache_seqlens[b] .. + n_new of sequence
+  // b, then q (B, n, Hq, D) attends to its first cache_seqlens[b] + n_new keys,
+  // windows and causal aligned bottom-right. The caches are (B, S_max, Hkv,
+  // D|Dv), or with a block_table (B, max_pages) int32 pools of pages as in
+  // varlen_forward. -> out (B, n, Hq, Dv), lse (B, Hq, n)
+  m.def(
+      "kvcache_forward(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? block_table, float scale, int window_left, "
+      "int window_right) -> (Tensor out, Tensor lse)");
 }

@@ -982,20 +982,27 @@ class KVCache:
         return self.lengths.unsqueeze(1) + torch.arange(n, device=self.lengths.device)
 
     def _reserve(self, n: int) -> None:
-        """Pages for n more tokens of every sequence, from the free list."""
+        """Pages for n more tokens of every sequence, from the free list; all
+        or none (a refusal takes no page)."""
+        extra = []
         for b, length in enumerate(self.lengths.tolist()):
-            held = self._host_table[b]
-            needed = -(-(length + n) // self.page_size)
             if length + n > self.max_len:
                 raise ArgumentError(f"selfattn.nn.KVCache: sequence {b} would hold "
                                     f"{length + n} tokens, past max_len = {self.max_len}")
-            while len(held) < needed:
-                if not self._free:
-                    raise ArgumentError(f"selfattn.nn.KVCache: the pool's {self.k.shape[0]} "
-                                        f"pages are all in use (sequence {b} needs page "
-                                        f"{len(held)}); make num_pages larger or reset()")
-                self.block_table[b, len(held)] = self._free[-1]
-                held.append(self._free.pop())
+            extra.append(-(-(length + n) // self.page_size) - len(self._host_table[b]))
+        wanted = sum(max(e, 0) for e in extra)
+        if wanted > len(self._free):
+            raise ArgumentError(f"selfattn.nn.KVCache: the pool's {self.k.shape[0]} pages are "
+                                f"all in use ({wanted} more needed, {len(self._free)} free); "
+                                "make num_pages larger or reset()")
+        for b, count in enumerate(extra):
+            if count <= 0:
+                continue
+            held = self._host_table[b]
+            pages = [self._free.pop() for _ in range(count)]
+            self.block_table[b, len(held):len(held) + count] = torch.tensor(pages,
+                                                                            dtype=torch.int32)
+            held.extend(pages)
 
     def append_and_attend(self, q: Tensor, k: Tensor, v: Tensor,
                           window: Optional[Tuple[int, int]] = None) -> Tensor:

@@ -57,6 +57,7 @@ backward_op = torch.ops.selfattn.attention_backward.default
 probs_op = torch.ops.selfattn.attention_probs.default
 varlen_forward_op = torch.ops.selfattn.varlen_forward.default
 varlen_backward_op = torch.ops.selfattn.varlen_backward.default
+kvcache_forward_op = torch.ops.selfattn.kvcache_forward.default
 
 
 def _lse_dtype(q):
@@ -181,10 +182,21 @@ torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,
                                 setup_context=_varlen_setup_context)
 
 
+@torch.library.register_fake("selfattn::kvcache_forward")
+def _kvcache_forward_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
+                          window_left, window_right):
+    _same_device(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                 block_table=block_table)
+    B, n, Hq, _ = q.shape
+    return q.new_empty((B, n, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, n),
+                                                                   dtype=_lse_dtype(q))
+
+
 # The backward and probabilities ops are not differentiable (no double
-# backward; attention weights carry no gradient): their outputs never require grad.
+# backward; attention weights carry no gradient), nor is the KV cache step
+# (inference only): their outputs never require grad.
 _lib = torch.library.Library("selfattn", "IMPL")
-for _name in ("attention_backward", "attention_probs", "varlen_backward"):
+for _name in ("attention_backward", "attention_probs", "varlen_backward", "kvcache_forward"):
     _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 

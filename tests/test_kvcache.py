@@ -85,9 +85,62 @@ def test_bad_input_is_refused():
             selfattn.attention_with_kvcache(q, kc, vc, **args)
     with pytest.raises(ValueError, match="inference only"):
         selfattn.attention_with_kvcache(q.requires_grad_(), kc, vc, k, v, cache_seqlens=0)
-    with torch.no_grad(), pytest.raises(ValueError, match="contiguous in its first two dims"):
-        selfattn.attention_with_kvcache(q, kc.transpose(0, 1).contiguous().transpose(0, 1), vc,
-                                        k, v, cache_seqlens=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="contiguous last dim"):
+        selfattn.attention_with_kvcache(q, kc.transpose(2, 3), vc, k, v, cache_seqlens=0)
+
+
+def test_cache_of_any_strides_is_written_in_place():
+    """A cache stored (S_max, B, ...) (e.g. a slice of a larger buffer) is
+    appended to in place and read as the contiguous one."""
+    q, kc, vc, k, v = _setup(n=2, n_new=2)
+    seqlens = torch.tensor([3, 0, 30])
+    kt, vt = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (kc, vc))
+    with torch.no_grad():
+        ours = selfattn.attention_with_kvcache(q, kt, vt, k, v, cache_seqlens=seqlens)
+        contiguous = selfattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens)
+    assert torch.equal(kt, kc) and torch.equal(vt, vc)
+    torch.testing.assert_close(ours, contiguous, rtol=0, atol=0)
+
+
+def test_op_checks_before_writing():
+    """torch.ops.selfattn.kvcache_forward called directly refuses lengths past
+    the cache and a bad block table before it writes anything."""
+    q, kc, vc, k, v = _setup()
+    op = torch.ops.selfattn.kvcache_forward.default
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new = 64 \+ 1"):
+        op(q, kc, vc, k, v, torch.tensor([0, 1, 64]), None, 0.25, -1, 0)
+    kp, table = _paged(kc, 8)
+    vp, _ = _paged(vc, 8)
+    pool, far = kp.clone(), table.clone()
+    far[0, 0] = kp.shape[0]
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = 27 is not a page"):
+        op(q, kp, vp, k, v, torch.tensor([3, 1, 2]), far, 0.25, -1, 0)
+    with pytest.raises(RuntimeError, match=r"sequence 2 has 34 keys \(cache_seqlens \+ n_new\)"):
+        op(q, kp, vp, k, v, torch.tensor([3, 1, 33]), table[:, :4], 0.25, -1, 0)
+    with pytest.raises(RuntimeError, match="pass both k and v"):
+        op(q, kc, vc, k, None, torch.tensor([3, 1, 2]), None, 0.25, -1, 0)
+    assert torch.equal(kc, before) and torch.equal(kp, pool)
+
+
+def test_opcheck_and_compile():
+    q, kc, vc, k, v = _setup(n=2, n_new=2)
+    kp, table = _paged(kc, 8)
+    vp, _ = _paged(vc, 8)
+    lens = torch.tensor([5, 0, 20])
+    op = torch.ops.selfattn.kvcache_forward.default
+    torch.library.opcheck(op, (q, kc, vc, k, v, lens, None, 0.25, -1, 0))
+    torch.library.opcheck(op, (q, kp, vp, k, v, lens, table, 0.25, 6, 0))
+
+    def step(q, kc, vc, k, v):
+        return selfattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kc, vc, k, v)
+        eager = step(q, kc2, vc2, k, v)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # the compiled step wrote in place
 
 
 def test_causal_self_attention_generates_with_the_cache():
@@ -240,6 +293,10 @@ def test_paged_kv_cache_layer_hands_out_pages_as_sequences_grow():
     assert (cache.block_table == -1).all() and sorted(cache._free) == list(range(6))
     with torch.no_grad(), pytest.raises(ValueError, match="past max_len = 16"):
         layer(torch.randn(2, 17, 32), cache=cache)
+    small = selfattn.nn.KVCache(2, 16, 2, 8, page_size=4, num_pages=5)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"6 more needed, 5 free"):
+        layer(x[:, :10], cache=small)  # sequence 0's pages would fit: none is taken
+    assert (small.block_table == -1).all() and len(small._free) == 5
 
 
 # ---------------------------------------------------------------------------

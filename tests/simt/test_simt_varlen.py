@@ -4,7 +4,9 @@ sequence through the CUDA kernels (flash for float16/bfloat16 at D = 64,
 the fallback kernels for float32), against per-sequence calls of the float64
 reference with DESIGN.md's bound; lengths 0, 1 and several tiles, query and
 key lengths that differ, GQA, causal and windows aligned bottom-right per
-sequence, seqused_k.
+sequence, seqused_k; and the KV cache step (kvcache_forward), which appends
+into a contiguous cache or a pool of pages and runs each sequence's queries
+through the same kernels.
 """
 from __future__ import annotations
 
@@ -113,3 +115,54 @@ def test_emulated_paged_varlen_matches_reference(simt, case):
                                torch.zeros_like(out), q_lens, k_lens, window, None, scale)[0]
                     for dt in (torch.float64, dtype))
     assert_close_to_golden(f"{name} out", out, lowp, golden)
+
+
+KVCACHE = [
+    # name, dtype, cache lengths before the step, n (queries), n_new, page size (None: contiguous)
+    ("f16_decode", torch.float16, [0, 70, 127], 1, 1, None),
+    ("bf16_chunk_pages64", torch.bfloat16, [60, 3], 5, 5, 64),
+    ("f32_pages5", torch.float32, [11, 0], 2, 2, 5),
+]
+
+
+@pytest.mark.parametrize("case", KVCACHE, ids=[c[0] for c in KVCACHE])
+def test_emulated_kvcache_step_matches_reference(simt, case):
+    """torch.ops.selfattn_simt.kvcache_forward: the new rows land in the cache
+    (contiguous or a shuffled pool of pages), then each sequence's queries
+    attend causally to its valid prefix through the CUDA kernels."""
+    name, dtype, lens, n, n_new, page_size = case
+    B, Hq, Hkv, D, S_max = len(lens), 4, 2, 64, 160
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(B, n, Hq, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, n_new, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    caches = [torch.randn(B, S_max, Hkv, D, generator=g).to(dtype) for _ in range(2)]
+    table = None
+    if page_size is not None:
+        per = -(-S_max // page_size)
+        table = torch.randperm(B * per, generator=g).view(B, per).to(torch.int32)
+        pools = [torch.empty(B * per, page_size, Hkv, D, dtype=dtype) for _ in range(2)]
+        for pool, cache in zip(pools, caches):
+            pool[table.flatten().long()] = torch.nn.functional.pad(
+                cache, (0, 0, 0, 0, 0, per * page_size - S_max)).view(B * per, page_size, Hkv, D)
+        targets = pools
+    else:
+        targets = [c.clone() for c in caches]
+    scale = D ** -0.5
+    simt.simt_take_log()
+    out, lse = simt.kvcache_forward(q, *targets, k, v, torch.tensor(lens), table, scale, -1, 0)
+    log = simt.simt_take_log()
+    assert log, "no kernel launched"
+    assert out.shape == (B, n, Hq, D) and lse.shape == (B, Hq, n)
+    for b, s in enumerate(lens):
+        for cache, new in zip(caches, (k, v)):
+            cache[b, s:s + n_new] = new[b]
+        if page_size is not None:  # the pool's rows of this sequence, in order
+            rows = [targets[0][table[b, j // page_size], j % page_size] for j in range(s + n_new)]
+            assert torch.equal(torch.stack(rows), caches[0][b, :s + n_new])
+        else:
+            assert torch.equal(targets[0][b], caches[0][b])
+        kb, vb = (c[b:b + 1, :s + n_new] for c in caches)
+        golden, lowp = (reference.attention(q[b:b + 1].to(dt), kb.to(dt), vb.to(dt), causal=True,
+                                            scale=scale)
+                        for dt in (torch.float64, dtype))
+        assert_close_to_golden(f"{name} seq {b}", out[b:b + 1], lowp, golden)
