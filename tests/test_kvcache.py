@@ -77,6 +77,8 @@ def test_bad_input_is_refused():
         (dict(cache_seqlens=torch.tensor([0, 63, 64])), ValueError, "S_max = 64"),
         (dict(cache_seqlens=torch.tensor([0, 1])), TypeError, "cache_seqlens must be"),
         (dict(cache_seqlens=0, v=None), ValueError, "both k and v"),
+        (dict(cache_seqlens=0, k=k.double()), TypeError, "k must be a torch.float32 tensor"),
+        (dict(cache_seqlens=0, v=v[:, :0]), ValueError, r"got \(3, 1, 2, 16\) and \(3, 0"),
     ]
     for kw, exc, words in cases:
         args = dict(k=k, v=v)
