@@ -7,7 +7,8 @@ gradients and generated tokens. ALiBi slopes reach the kernel when a model
 passes `alibi_slopes` through the attention kwargs (transformers' own ALiBi
 models run their own attention code and never call the attention
 interface): a LLaMA model given them must match eager attention with the
-dense ALiBi bias added, in prefill and in a cached decoding step. Attention
+dense ALiBi bias added, in prefill and in a cached decoding step. Generation
+with selfattn's cache (make_cache) on the sliding-window layers. Attention
 sinks (s_aux) are refused. Tolerance 1e-5 of the largest entry: the eager
 softmax rounds to float32. Skipped without transformers.
 """
@@ -99,6 +100,35 @@ def test_gemma2_softcap_with_padding_and_generation():
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+def test_gemma2_sliding_layers_decode_with_selfattn_cache():
+    """make_cache on a model with sliding-window layers: a prompt longer than
+    the window, then tokens one by one, give eager's logits (with
+    transformers' own DynamicCache) at every step; the window matters here."""
+    from transformers.cache_utils import DynamicCache
+
+    from selfattn.integrations.transformers import make_cache
+
+    ids = _ids(2, 16, seed=3)
+
+    def steps(model, cache):
+        logits = [model(ids[:, :9], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for t in range(9, 16):
+            logits.append(model(ids[:, t:t + 1], past_key_values=cache,
+                                use_cache=True).logits[:, -1])
+        return torch.stack(logits, 1)
+
+    eager, ours, wide = _gemma("eager"), _gemma(NAME), _gemma("eager", sliding_window=64)
+    with torch.no_grad():
+        want = steps(eager, DynamicCache(config=eager.config))
+        got = steps(ours, make_cache(ours.config, 16))
+        unwindowed = steps(wide, DynamicCache(config=wide.config))
+    _close(got, want, 1e-5)
+    assert (unwindowed - want).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="full and sliding-window"):
+        make_cache(transformers.Gemma2Config(**dict(GEMMA, layer_types=[
+            "chunked_attention", "full_attention"])), 16)
 
 
 # ---------------------------------------------------------------------------

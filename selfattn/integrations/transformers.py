@@ -23,10 +23,12 @@ built its packed block-diagonal mask) run the packed varlen kernels: each
 sequence attends to itself only, and no work goes to the masked blocks.
 
 Generation: `make_cache(config, max_cache_len)` is a transformers Cache
-(pass it as `past_key_values`, or `cache` in recent transformers) whose layers preallocate their keys and
-values in selfattn's (B, S, H, D) layout, write each step's new tokens in
-place and hand the attention views of the valid prefix: no step copies the
-cache (transformers' default DynamicCache concatenates, copying it whole).
+(pass it as `past_key_values`, or `cache` in recent transformers) whose
+layers preallocate their keys and values in selfattn's (B, S, H, D) layout,
+write each step's new tokens in place and hand the attention views of the
+valid prefix: no step copies the cache (transformers' default DynamicCache
+concatenates, copying it whole). Sliding-window layers keep the whole
+sequence as well; the mask transformers builds for them applies the window.
 """
 from __future__ import annotations
 
@@ -200,15 +202,18 @@ def _cache_layer_class():
 def make_cache(config, max_cache_len: int):
     """A transformers Cache for generation with selfattn: one preallocated
     layer per attention layer of `config` (prompt plus new tokens must fit
-    max_cache_len), written in place, no copy of the cache per step. Models
-    with sliding-window or other non-full attention layers are refused."""
+    max_cache_len), written in place, no copy of the cache per step.
+    Sliding-window layers (Mistral, Gemma 2/3) keep the whole sequence too,
+    and see their window through the mask transformers builds for them (more
+    memory than transformers' own sliding caches, which keep the window
+    only); other layer types (chunked, linear attention) are refused."""
     from transformers.cache_utils import Cache
 
     text = config.get_text_config(decoder=True)
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise ArgumentError(f"selfattn make_cache: only full-attention layers are supported, "
-                            f"the model has {sorted(kinds)}")
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise ArgumentError(f"selfattn make_cache: only full and sliding-window attention layers "
+                            f"are supported, the model has {sorted(kinds)}")
     if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
         raise ArgumentError(f"selfattn make_cache: max_cache_len must be an int >= 1, got "
                             f"{max_cache_len!r}")
