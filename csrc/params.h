@@ -77,6 +77,19 @@ struct AttnParams {
   int device = -1;  // CUDA device index of the tensors, -1 on CPU
 };
 
+// Split-KV of the CUDA flash forward, for few query blocks over many keys (a
+// decode step of a small batch would leave most SMs idle): each (query block,
+// head, batch) gets `splits` CTAs, split s taking its share of the block's key
+// tiles and writing O_s / l_s and its logsumexp into the float32 workspaces o
+// (splits, B, Hq, Sq, Dv) and lse (splits, B, Hq, Sq); a second kernel merges
+// them through their logsumexp into out and lse (FlashAttention's split-KV).
+// splits = 1: no workspace, the forward writes out and lse itself.
+struct SplitKV {
+  int splits = 1;
+  float* o = nullptr;
+  float* lse = nullptr;
+};
+
 // Offset in elements of key j of batch entry b in k or v (`t`), head 0.
 SELFATTN_HD int64_t key_row(const AttnParams& p, const BSHD& t, int64_t b, int64_t j) {
   if (p.pages == nullptr) return b * t.batch + j * t.row;

@@ -92,6 +92,8 @@ GRID = [
     case(Sq=1000, Sk=63, D=32, dtype=F16, causal=True),
     case(Sq=1000, Sk=128, D=64, dtype=BF16, causal=True, align="top_left"),
     case(Sq=1, Sk=1000, D=128, dtype=F16, causal=True),
+    # decoding a long cache: split-KV (few CTAs, many key tiles)
+    case(Sq=1, Sk=8192, D=128, Hq=32, Hkv=8, dtype=BF16, causal=True),
     case(Sq=128, D=16, dtype=BF16, causal=True, align="top_left"),
     # windows
     case(Sq=1000, D=64, dtype=BF16, window=(100, 0)),

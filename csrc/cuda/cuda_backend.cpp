@@ -10,6 +10,8 @@
 //  - otherwise the simple fallback kernels (fallback.cu), which take every
 //    dtype and shape (and the backward of a soft-cap with a float mask's
 //    gradient);
+//    with split-KV when its CTAs would leave SMs idle over many keys
+//    (decoding: key_splits below);
 //  - probabilities always through the simple probs kernel.
 // The backward's dQ uses fp32 atomics, or a second kernel without atomics
 // when torch.use_deterministic_algorithms(True) is on.
@@ -17,6 +19,8 @@
 // device_context.h, so that the emulated build (tests/simt) runs this same
 // kernel choice on the CPU.
 #include <ATen/Context.h>
+
+#include <algorithm>
 
 #include "../attention.h"
 #include "device_context.h"
@@ -67,10 +71,14 @@ int flash_bucket(const AttnParams& p, at::ScalarType dtype) {
   return d <= 64 ? 64 : d <= 128 ? 128 : 256;
 }
 
-// Keys per tile of the flash forward of a bucket.
+// Keys per tile, and query rows per CTA, of the flash forward of a bucket.
 int fwd_key_tile(int bucket) {
   return bucket == 64 ? FwdConfig<64>::kBc : bucket == 128 ? FwdConfig<128>::kBc
                                                             : FwdConfig<256>::kBc;
+}
+int fwd_query_tile(int bucket) {
+  return bucket == 64 ? FwdConfig<64>::kBr : bucket == 128 ? FwdConfig<128>::kBr
+                                                            : FwdConfig<256>::kBr;
 }
 
 bool smem_fits(const AttnParams& p, size_t bytes) {
@@ -89,12 +97,27 @@ size_t bwd_smem(int bucket, bool deterministic) {
   return deterministic ? std::max(dkv, dq) : dkv;
 }
 
-template <typename T> void flash_fwd(const AttnParams& p, int bucket, cudaStream_t stream) {
+template <typename T>
+void flash_fwd(const AttnParams& p, int bucket, const SplitKV& split, cudaStream_t stream) {
   switch (bucket) {
-    case 64: run_flash_fwd<T, 64>(p, stream); break;
-    case 128: run_flash_fwd<T, 128>(p, stream); break;
-    default: run_flash_fwd<T, 256>(p, stream); break;
+    case 64: run_flash_fwd<T, 64>(p, split, stream); break;
+    case 128: run_flash_fwd<T, 128>(p, split, stream); break;
+    default: run_flash_fwd<T, 256>(p, split, stream); break;
   }
+}
+
+// Split-KV count of the flash forward (params.h: SplitKV): when its CTAs fill
+// less than one wave of the SMs, each CTA's key tiles are split across up to
+// as many CTAs as fill the wave, with at least kMinSplitTiles tiles per
+// split (below that the merge costs more than the parallelism brings).
+int key_splits(const AttnParams& p, int bucket) {
+  constexpr int64_t kMinSplitTiles = 4, kMaxSplits = 64;
+  const int64_t ctas = (p.Sq + fwd_query_tile(bucket) - 1) / fwd_query_tile(bucket) * p.Hq * p.B;
+  const int64_t tiles = (p.Sk + fwd_key_tile(bucket) - 1) / fwd_key_tile(bucket);
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, p.device);
+  const int64_t splits = std::min({(sms + ctas - 1) / ctas, tiles / kMinSplitTiles, kMaxSplits,
+                                   int64_t(65535) / p.B});  // grid dim z = B * splits
+  return splits >= 2 ? int(splits) : 1;
 }
 
 template <typename T>
@@ -127,10 +150,21 @@ void forward(const AttnParams& p0, at::ScalarType dtype) {
   }
   if (bucket == 0) {
     run_fallback_fwd(p, to_dtype(dtype), stream);
-  } else if (dtype == at::kHalf) {
-    flash_fwd<__half>(p, bucket, stream);
+    return;
+  }
+  SplitKV split;
+  split.splits = key_splits(p, bucket);
+  at::Tensor workspace;  // float32: o (splits, B, Hq, Sq, Dv), then lse (splits, B, Hq, Sq)
+  if (split.splits > 1) {
+    const int64_t rows = split.splits * p.B * p.Hq * p.Sq;
+    workspace = at::empty({rows * (p.Dv + 1)}, device_options(p.device).dtype(at::kFloat));
+    split.o = workspace.data_ptr<float>();
+    split.lse = split.o + rows * p.Dv;
+  }
+  if (dtype == at::kHalf) {
+    flash_fwd<__half>(p, bucket, split, stream);
   } else {
-    flash_fwd<__nv_bfloat16>(p, bucket, stream);
+    flash_fwd<__nv_bfloat16>(p, bucket, split, stream);
   }
 }
 

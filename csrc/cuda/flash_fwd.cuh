@@ -7,7 +7,9 @@
 // that need them, online softmax in registers
 // (log2 domain), dropout, then O += P V with P taken straight from the S
 // fragments. The epilogue writes out = O / l (times the dropout scale) and
-// lse = max + ln(l); rows that see no key get 0 and -inf.
+// lse = max + ln(l); rows that see no key get 0 and -inf. With split-KV
+// (params.h: SplitKV) the CTAs of a query block share its key tiles and
+// write those to float32 workspaces, which split_kv_combine_kernel merges.
 // Included by flash_fwd_{fp16,bf16}.cu, which instantiate run_flash_fwd.
 #pragma once
 #include "device_utils.cuh"
@@ -18,7 +20,7 @@ namespace cuda {
 
 template <typename T, int kD, bool kMods>
 __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
-    flash_fwd_kernel(const AttnParams p) {
+    flash_fwd_kernel(const AttnParams p, const SplitKV split) {
   using Cfg = FwdConfig<kD>;
   constexpr int kBr = Cfg::kBr, kBc = Cfg::kBc, kThreads = Cfg::kWarps * 32;
   constexpr int kNTs = kBc / 8;  // n-tiles of a score row slab
@@ -32,7 +34,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (p.Hq / p.Hkv);
+  const int64_t b = blockIdx.z / split.splits, h = blockIdx.y, hk = h / (p.Hq / p.Hkv);
   const int64_t m_start = int64_t(blockIdx.x) * kBr;
   const int64_t row0 = m_start + warp * 16;  // first query row of this warp's slab
 
@@ -40,6 +42,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
   int64_t j_lo, j_hi, n_lo, n_hi;
   vis.key_range(m_start, min(m_start + kBr, p.Sq) - 1, j_lo, j_hi);
   block_range(j_lo, j_hi, kBc, n_lo, n_hi);
+  if (split.splits > 1) {  // this split's share of the tiles (maybe none)
+    const int64_t per = (n_hi - n_lo + split.splits - 1) / split.splits;
+    n_lo = min(n_hi, n_lo + int64_t(blockIdx.z % split.splits) * per);
+    n_hi = min(n_hi, n_lo + per);
+  }
 
   float acc_o[kNTo][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain), rows g and g + 8
@@ -130,8 +137,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
   }
 
   // Epilogue: out = O * dropout_scale / l, lse = max + ln(l); 0 and -inf when l = 0.
+  // A split writes its rows (b, h, i) of the float32 workspaces instead.
+  const int64_t rows0 = (int64_t(blockIdx.z % split.splits) * p.B + b) * p.Hq * p.Sq + h * p.Sq;
   T* o_head = static_cast<T*>(p.out.ptr) + b * p.out.batch + h * p.out.head;
-  float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.Sq;
+  float* lse = split.splits > 1 ? split.lse + rows0
+                                : static_cast<float*>(p.lse) + (b * p.Hq + h) * p.Sq;
   const float dscale = float(p.dropout_scale);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -140,12 +150,18 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
     if (i < p.Sq) {
       const float inv = l > 0.f ? dscale / l : 0.f;
       T* o_row = o_head + i * p.out.row;
+      float* o_part = split.o + (rows0 + i) * p.Dv;
 #pragma unroll
       for (int nt = 0; nt < kNTo; ++nt) {
         const int d = nt * 8 + 2 * t;
         if (d < p.Dv) {
-          *reinterpret_cast<uint32_t*>(o_row + d) =
-              pack2<T>(acc_o[nt][2 * r] * inv, acc_o[nt][2 * r + 1] * inv);
+          const float o0 = acc_o[nt][2 * r] * inv, o1 = acc_o[nt][2 * r + 1] * inv;
+          if (split.splits > 1) {
+            o_part[d] = o0;
+            o_part[d + 1] = o1;
+          } else {
+            *reinterpret_cast<uint32_t*>(o_row + d) = pack2<T>(o0, o1);
+          }
         }
       }
       if (t == 0) lse[i] = l > 0.f ? m_run[r] * kLn2 + logf(l) : -INFINITY;
@@ -153,16 +169,51 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
   }
 }
 
+// Split-KV merge: one warp per row (b, h, i) of the split forward's
+// workspaces: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) O_s
+// (O_s already divided by its l_s); 0 and -inf where no split saw a key.
+template <typename T>
+__global__ void __launch_bounds__(128) split_kv_combine_kernel(const AttnParams p,
+                                                               const SplitKV split) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = p.B * p.Hq * p.Sq;
+  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  float m = -INFINITY;  // the splits' lse are finite or -inf (the epilogue above)
+  for (int s = 0; s < split.splits; ++s) m = fmaxf(m, split.lse[s * rows + row]);
+  float sum = 0.f;
+  if (m != -INFINITY) {
+    for (int s = 0; s < split.splits; ++s) sum += expf(split.lse[s * rows + row] - m);
+  }
+  const float lse = sum > 0.f ? m + logf(sum) : -INFINITY;
+  const int64_t i = row % p.Sq, h = row / p.Sq % p.Hq, b = row / (p.Sq * p.Hq);
+  T* o_row = static_cast<T*>(p.out.ptr) + b * p.out.batch + i * p.out.row + h * p.out.head;
+  for (int64_t d = lane; d < p.Dv; d += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < split.splits && sum > 0.f; ++s) {
+      const float w = expf(split.lse[s * rows + row] - lse);  // 0 for a split without keys
+      acc += w * split.o[(s * rows + row) * p.Dv + d];
+    }
+    o_row[d] = TypeTraits<T>::from_acc(acc);
+  }
+  if (lane == 0) static_cast<float*>(p.lse)[row] = lse;
+}
+
 template <typename T, int kD>
-void run_flash_fwd(const AttnParams& p, cudaStream_t stream) {
+void run_flash_fwd(const AttnParams& p, const SplitKV& split, cudaStream_t stream) {
   using Cfg = FwdConfig<kD>;
-  const dim3 grid(unsigned((p.Sq + Cfg::kBr - 1) / Cfg::kBr), unsigned(p.Hq), unsigned(p.B));
+  const dim3 grid(unsigned((p.Sq + Cfg::kBr - 1) / Cfg::kBr), unsigned(p.Hq),
+                  unsigned(p.B * split.splits));
   if (has_modifiers(p)) {
     launch(flash_fwd_kernel<T, kD, true>, grid, Cfg::kWarps * 32, fwd_smem_bytes<kD>(), stream,
-           p);
+           p, split);
   } else {
     launch(flash_fwd_kernel<T, kD, false>, grid, Cfg::kWarps * 32, fwd_smem_bytes<kD>(), stream,
-           p);
+           p, split);
+  }
+  if (split.splits > 1) {
+    const int64_t rows = p.B * p.Hq * p.Sq;
+    launch(split_kv_combine_kernel<T>, dim3(unsigned((rows + 3) / 4)), 128, 0, stream, p, split);
   }
 }
 

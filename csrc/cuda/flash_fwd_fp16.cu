@@ -6,9 +6,9 @@
 namespace selfattn {
 namespace cuda {
 
-template void run_flash_fwd<__half, 64>(const AttnParams&, cudaStream_t);
-template void run_flash_fwd<__half, 128>(const AttnParams&, cudaStream_t);
-template void run_flash_fwd<__half, 256>(const AttnParams&, cudaStream_t);
+template void run_flash_fwd<__half, 64>(const AttnParams&, const SplitKV&, cudaStream_t);
+template void run_flash_fwd<__half, 128>(const AttnParams&, const SplitKV&, cudaStream_t);
+template void run_flash_fwd<__half, 256>(const AttnParams&, const SplitKV&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace selfattn

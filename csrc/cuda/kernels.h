@@ -79,9 +79,9 @@ inline bool has_modifiers(const AttnParams& p) {
   return p.softcap > 0 || p.alibi_slopes != nullptr;
 }
 
-// out and lse.
+// out and lse; with split.splits > 1 through split's workspaces (params.h: SplitKV).
 template <typename T, int kD>
-void run_flash_fwd(const AttnParams& p, cudaStream_t stream);
+void run_flash_fwd(const AttnParams& p, const SplitKV& split, cudaStream_t stream);
 
 // dq, dk, dv (and dmask). p.delta must hold rowsum(dout * out) (run_bwd_delta).
 // dq_accum: zeroed float32 (B, Sq, Hq, D) buffer for the atomic dQ path, or

@@ -47,5 +47,6 @@ def simt(simt_lib):
     configure(0)
 
 
-def configure(seed, device=SM80):
-    torch.ops.selfattn_simt.simt_configure(seed, device["cc_major"], device["smem_optin"])
+def configure(seed, device=SM80, sm_count=108):
+    torch.ops.selfattn_simt.simt_configure(seed, device["cc_major"], device["smem_optin"],
+                                           sm_count)

@@ -26,8 +26,9 @@ sm80; for float16/bfloat16 (flash and fallback kernels) and float32/float64
 soft-capping, alone and together) cross the same options in their own cases
 (the flash kernels' kMods instantiations, and the fallback kernels), and a
 block of a larger attention (diag_offset, q_start, k_start) must reproduce
-the whole's probabilities, dropout mask, output and gradients. The `slow`
-grid crosses more of these.
+the whole's probabilities, dropout mask, output and gradients. Split-KV
+forwards (few query rows, many keys) against the reference and the unsplit
+forward. The `slow` grid crosses more of these.
 """
 from __future__ import annotations
 
@@ -481,6 +482,41 @@ SEED = {p.values[0]: i for i, p in enumerate(ALL)}  # each case its own thread-o
 @pytest.mark.parametrize("c", ALL)
 def test_emulated_kernels_match_reference(simt, c):
     check_case(simt, c, SEED[c])
+
+
+# ---------------------------------------------------------------------------
+# Split-KV (cuda_backend.cpp: key_splits): few query blocks over many keys
+# split each block's key tiles across CTAs, merged through their logsumexp
+# (split_kv_combine_kernel). Against the reference (check_case, on the
+# emulated 108-SM device), and against the unsplit forward of a 1-SM device.
+# Includes splits that see no key (windows, key_lengths 0) and the kMods
+# instantiation with dropout.
+
+SPLIT_KV = [
+    case(dtype=F16, family="flash", Sq=1, Sk=1000, Hq=4, Hkv=2, causal=True),
+    case(dtype=BF16, family="flash", B=2, Sq=3, Sk=700, causal=True, window=(100, 0),
+         key_lengths=(0, 650)),
+    case(dtype=BF16, family="flash", Sq=2, Sk=600, Hq=4, Hkv=1, D=128, alibi="h",
+         softcap=20.0, dropout=0.2),
+    case(dtype=F16, family="flash", Sq=5, Sk=400, D=256, mask=("bool", "QK")),
+]
+
+
+@pytest.mark.parametrize("c", SPLIT_KV)
+def test_split_kv_matches_reference_and_one_split(simt, c):
+    seed = 5
+    check_case(simt, c, seed)
+    x = make_inputs(c, seed)
+    results = []
+    for sm_count, kernels in ((108, ["split_kv_combine_kernel"]), (1, [])):
+        configure(seed, sm_count=sm_count)
+        results.append(simt.attention_forward(x.q, x.k, x.v, x.m, x.key_lengths, x.rng,
+                                              *x.scalars))
+        log = simt.simt_take_log()
+        assert any("split_kv_combine_kernel" in k for k in log) == bool(kernels), log
+    (out, lse), (out1, lse1) = results
+    torch.testing.assert_close(out, out1, rtol=0, atol=2 * ATOL_FLOOR[c.dtype])
+    torch.testing.assert_close(lse, lse1, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

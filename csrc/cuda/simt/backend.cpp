@@ -1,8 +1,8 @@
 // The emulated CUDA backend's side of the op library (see backend.h): the
 // stand-ins of the device guard and attributes, the output poisoning around
 // each op, and the ops with which tests steer the emulator:
-//   simt_configure(seed, cc_major, smem_optin): thread-order seed and the
-//     emulated device (what cuda_backend.cpp's kernel choice sees);
+//   simt_configure(seed, cc_major, smem_optin, sm_count): thread-order seed
+//     and the emulated device (what cuda_backend.cpp's kernel choice sees);
 //   simt_take_log() -> names of the kernels launched since the last call.
 #include "backend.h"
 
@@ -21,6 +21,7 @@ int device_attribute(cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrComputeCapabilityMajor: return simt::device().cc_major;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: return simt::device().smem_optin;
+    case cudaDevAttrMultiProcessorCount: return simt::device().sm_count;
   }
   TORCH_CHECK(false, "selfattn_simt: device attribute ", int(attr), " is not emulated");
 }
@@ -119,9 +120,9 @@ void probs(const AttnParams& p, void* out, bool compute_lse, at::ScalarType t) {
   check_written(regions, "attention_probs");
 }
 
-void configure(int64_t seed, int64_t cc_major, int64_t smem_optin) {
+void configure(int64_t seed, int64_t cc_major, int64_t smem_optin, int64_t sm_count) {
   simt::configure(uint64_t(seed));
-  simt::device() = simt::DeviceConfig{int(cc_major), int(smem_optin)};
+  simt::device() = simt::DeviceConfig{int(cc_major), int(smem_optin), int(sm_count)};
 }
 
 std::vector<std::string> take_log() { return simt::take_log(); }
@@ -138,7 +139,7 @@ const Backend& emulated(const Backend& inner) {
 }  // namespace selfattn
 
 TORCH_LIBRARY_FRAGMENT(selfattn, m) {
-  m.def("simt_configure(int seed, int cc_major, int smem_optin) -> ()",
+  m.def("simt_configure(int seed, int cc_major, int smem_optin, int sm_count=108) -> ()",
         &::selfattn::cuda::configure);
   m.def("simt_take_log() -> str[]", &::selfattn::cuda::take_log);
 }

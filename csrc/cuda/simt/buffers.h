@@ -110,6 +110,15 @@ inline std::vector<simt::Buffer> launch_buffers(const AttnParams& p) {
   return v;
 }
 
+// Split-KV flash forward and its merge: also the float32 workspaces.
+inline std::vector<simt::Buffer> launch_buffers(const AttnParams& p, const SplitKV& split) {
+  std::vector<simt::Buffer> v = launch_buffers(p);
+  const int64_t rows = split.splits > 1 ? split.splits * p.B * p.Hq * p.Sq : 0;
+  v.push_back(simt_ops::flat("split-KV o", split.o, rows * p.Dv, 4, true));
+  v.push_back(simt_ops::flat("split-KV lse", split.lse, rows, 4, true));
+  return v;
+}
+
 // Probabilities kernel: reads lse, writes probs (B, Hq, Sq, Sk).
 template <typename T>
 std::vector<simt::Buffer> launch_buffers(const AttnParams& p, T* probs) {

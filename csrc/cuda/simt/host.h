@@ -26,6 +26,7 @@ struct dim3 {
 using cudaStream_t = struct simt_stream*;
 
 enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
@@ -51,6 +52,7 @@ struct Buffer {
 struct DeviceConfig {
   int cc_major = 8;
   int smem_optin = 166912;  // A100: 163 KB per block (CUDA_FACTS 7)
+  int sm_count = 108;       // A100's SMs (the split-KV choice reads it)
 };
 DeviceConfig& device();
 // Seed of the order in which threads run between barriers: the launches
