@@ -2,7 +2,12 @@
 // backends (see attention.h). Messages name the argument and the expectation.
 #include "attention.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace selfattn {
@@ -310,7 +315,8 @@ at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tenso
 // Packed variable-length batches: sequence b is rows [cu_q[b], cu_q[b + 1]) of
 // q (Tq, Hq, D) and rows [cu_k[b], cu_k[b + 1]) of k, v (Tk, Hkv, D|Dv), its
 // first seqused_k[b] keys only when given. Each sequence runs the backend's
-// kernels as a batch of one on views of the packed tensors, causal and
+// kernels as a batch of one on views of the packed tensors (the forward's
+// short sequences side by side on the CPU: for_each_sequence), causal and
 // windows aligned bottom-right per sequence (FlashAttention's varlen), its
 // dropout drawn at its packed row positions (q_start, k_start), so that no
 // two sequences share a mask.
@@ -417,6 +423,46 @@ at::Tensor check_block_table(const at::Tensor& table, const at::Tensor& q, const
   return host;
 }
 
+// Runs attend(b) for every sequence b, of work[b] (any unit, e.g. score
+// elements). On the CPU, a sequence whose work is at most an even share of
+// the threads' runs on one thread, beside the other such sequences (longest
+// first, each to the least loaded thread; the kernels run inline there, with
+// the same tiling and results as alone), so that many short sequences cost
+// one parallel region and a batch of one long and many short ones balances;
+// the others run one after another, each with every thread. Elsewhere (CUDA:
+// asynchronous launches), one after another.
+template <typename F>
+void for_each_sequence(const at::Tensor& q, const std::vector<int64_t>& work, F attend) {
+  const int64_t n = int64_t(work.size());
+  const int64_t threads = q.is_cpu() && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  const int64_t total = std::accumulate(work.begin(), work.end(), int64_t(0));
+  std::vector<int64_t> shared;  // sequences that run beside others
+  for (int64_t b = 0; b < n; ++b) {
+    if (threads > 1 && work[b] * threads <= total) {
+      shared.push_back(b);
+    } else {
+      attend(b);
+    }
+  }
+  if (shared.empty()) return;
+  std::stable_sort(shared.begin(), shared.end(),
+                   [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+  std::vector<std::vector<int64_t>> runs(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t b : shared) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    runs[t].push_back(b);
+    load[t] += work[b];
+  }
+  const at::ThreadLocalState caller;  // grad / inference mode and dispatch state for the workers
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t b : runs[t]) attend(b);
+    }
+  });
+}
+
 OpArgs sequence_args(const Sequence& s, const std::optional<at::Tensor>& none,
                      const std::optional<at::Tensor>& rng_state, double scale, int64_t wl,
                      int64_t wr, double dropout_p) {
@@ -445,21 +491,23 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
   auto lse = at::full({Hq, Tq}, -std::numeric_limits<double>::infinity(),
                       q.options().dtype(acc_dtype(q.scalar_type())));
   const std::optional<at::Tensor> none;
-  for (size_t b = 0; b < seqs.size(); ++b) {
+  std::vector<int64_t> work;
+  for (const Sequence& s : seqs) work.push_back(s.q_len * s.k_len);
+  for_each_sequence(q, work, [&](int64_t b) {
     const Sequence& s = seqs[b];
-    if (s.q_len == 0) continue;
+    if (s.q_len == 0) return;
     const OpArgs args =
         sequence_args(s, none, rng_state, scale, window_left, window_right, dropout_p);
     auto [o, l] =
         paged ? forward_op(backend, rows(q, s.q0, s.q_len), k, v, args,
                            PagedKeys{block_table->data_ptr<int32_t>() +
-                                         int64_t(b) * block_table->stride(0),
+                                         b * block_table->stride(0),
                                      s.k_len})
               : forward_op(backend, rows(q, s.q0, s.q_len), rows(k, s.k0, s.k_len),
                            rows(v, s.k0, s.k_len), args);
     out.narrow(0, s.q0, s.q_len).copy_(o[0]);
     lse.narrow(1, s.q0, s.q_len).copy_(l[0]);
-  }
+  });
   return {out, lse};
 }
 
@@ -580,11 +628,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
   if (B == 1) return attend(0);
   auto out = at::empty({B, n, Hq, Dv}, q.options());
   auto lse = at::empty({B, Hq, n}, q.options().dtype(acc_dtype(q.scalar_type())));
-  for (int64_t b = 0; b < B; ++b) {
+  std::vector<int64_t> work;
+  for (const Sequence& s : seqs) work.push_back(n * s.k_len);
+  for_each_sequence(q, work, [&](int64_t b) {
     auto [o, l] = attend(b);
     out.narrow(0, b, 1).copy_(o);
     lse.narrow(0, b, 1).copy_(l);
-  }
+  });
   return {out, lse};
 }
 

@@ -143,6 +143,33 @@ def test_dropout_each_sequence_draws_its_own_mask():
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_forward_of_each_sequence_is_its_own_attention(threads):
+    """One long and many short sequences (the short ones run side by side on
+    the CPU threads, the long one with every thread): each sequence's output
+    and lse are bitwise those of selfattn.attention on it alone, whatever the
+    thread count, so a sequence's result does not depend on the batch."""
+    lens = [700, 1, 0, 5, 33, 64, 2, 90, 17, 3, 40]
+    q, k, v, _ = _packed(lens, lens, Hq=4, Hkv=2, D=32)
+    cu = _cu(lens).tolist()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out, lse = selfattn.varlen_attention(q, k, v, _cu(lens), _cu(lens), 700, 700,
+                                                 window_size=(-1, 0), enable_gqa=True,
+                                                 return_lse=True)
+            torch.set_num_threads(before)
+            for b, n in enumerate(lens):
+                rows = slice(cu[b], cu[b + 1])
+                alone, alone_lse = selfattn.attention(q[None, rows], k[None, rows], v[None, rows],
+                                                      causal=True, return_lse=True)
+                assert torch.equal(out[rows], alone[0]), f"sequence {b}"
+                assert torch.equal(lse[:, rows], alone_lse[0]), f"sequence {b}"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_opcheck_and_compile():
     q_lens = [5, 0, 12]
     q, k, v, dout = _packed(q_lens, q_lens, Hq=2, Hkv=1)
