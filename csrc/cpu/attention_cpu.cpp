@@ -347,21 +347,38 @@ inline Vec<float> vrecip_estimate(const Vec<float>& x) {
 }
 
 // The soft-cap c · tanh(x / c), and tanh(x / c) itself in *t when asked (the
-// backward's 1 - tanh²). For float: tanh(y) = y · P(u) / Q(u), u = y², on
-// |y| <= 9 (tanh(9) rounds to 1), with P and Q of degree 4 and
-// P(0) = Q(0) = 1 (so Q lies in [1, 420]): a rational fit to tanh(y)/y by
-// Lawson-weighted least squares on [0, 9], whose float evaluation is within
-// 9 ulp of tanh (6 with an exact 1 / Q). Beyond 9, u is clamped to 81 and x
-// to ±9c, so the result is ±c; NaN stays NaN; a result may round 1 ulp
-// beyond ±c. P and Q are evaluated in Estrin's scheme and x · P is formed
-// while 1 / Q is refined (12.5 -> 11.1 ns per 8 floats on an AVX2 Zen 1
-// against Horner's scheme; benchmarks/NOTES.md, section 14). A fraction of
-// Sleef's tanh's cost, which made soft-capping cost up to +80 % of the forward.
+// backward's 1 - tanh²). For float, with y = x / c and u = y²:
+//  - when every lane has |y| <= 1/2 (scores within ±c/2, most of them in
+//    practice: the cap is a safety net), tanh(y) = y · R(u) with R a degree-4
+//    polynomial, R(0) = 1, fitted to tanh(y)/y on u in [0, 1/4] (Lawson-weighted
+//    least squares; relative error 1.5e-8, float evaluation within 1.3 ulp of
+//    tanh): 7 vector operations and the test instead of ~17;
+//  - else tanh(y) = y · P(u) / Q(u) on |y| <= 9 (tanh(9) rounds to 1), with
+//    P and Q of degree 4 and P(0) = Q(0) = 1 (so Q lies in [1, 420]): a
+//    rational fit to tanh(y)/y on [0, 9], within 9 ulp of tanh (6 with an
+//    exact 1 / Q). Beyond 9, u is clamped to 81 and x to ±9c, so the result
+//    is ±c; NaN stays NaN; a result may round 1 ulp beyond ±c. P and Q are
+//    evaluated in Estrin's scheme and x · P is formed while 1 / Q is refined.
+// A lane's result thus depends on its neighbours (which branch), within the
+// two fits' errors. benchmarks/NOTES.md, sections 14 and 15: the costs on an
+// AVX2 Zen 1; Sleef's tanh made soft-capping cost up to +80 % of the forward.
 inline Vec<float> vsoftcap(const Vec<float>& x, float c, float inv_c, Vec<float>* t) {
   using V = Vec<float>;
+  constexpr int kAllLanes = (1 << V::size()) - 1;
   const V one(1.f);
   const V y = x * V(inv_c);
-  const V u = at::vec::clamp_max(y * y, V(81.f));
+  const V yy = y * y;
+  if ((yy > V(0.25f)).zero_mask() == kAllLanes) {  // no lane beyond |y| = 1/2 (NaN: none)
+    const V r = at::vec::fmadd(
+        at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(V(1.724181115e-02f), yy,
+                                                     V(-5.304562671e-02f)),
+                                      yy, V(1.332588054e-01f)),
+                       yy, V(-3.333314395e-01f)),
+        yy, one);
+    if (t != nullptr) *t = y * r;
+    return x * r;
+  }
+  const V u = at::vec::clamp_max(yy, V(81.f));
   const V u2 = u * u;
   const V p2 = at::vec::fmadd(V(2.066036905e-05f), u, V(3.498948878e-03f));
   const V q2 = at::vec::fmadd(V(3.290955792e-04f), u, V(2.589003555e-02f));
