@@ -614,8 +614,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
   const std::optional<at::Tensor> none;
   auto attend = [&](int64_t b) {
     const Sequence& s = seqs[b];
-    const OpArgs args{none, none,  none, scale, window_left, window_right, s.k_len - n,
-                      0.0,  none,  0.0,  0,     0};
+    const OpArgs args = sequence_args(s, none, none, scale, window_left, window_right, 0.0);
     const at::Tensor qb = q.narrow(0, b, 1);
     if (paged) {
       return forward_op(backend, qb, k_cache, v_cache, args,
