@@ -410,7 +410,7 @@ at::Tensor check_block_table(const at::Tensor& table, const at::Tensor& q, const
   const at::Tensor host = table.to(at::kCPU).contiguous();
   const int64_t page_size = k.size(1), num_pages = k.size(0), max_pages = table.size(1);
   for (int64_t b = 0; b < n; ++b) {
-    const int64_t needed = (seqs[b].k_len + page_size - 1) / page_size;
+    const int64_t needed = seqs[b].k_len / page_size + (seqs[b].k_len % page_size != 0);
     TORCH_CHECK(needed <= max_pages, "selfattn: sequence ", b, " has ", seqs[b].k_len,
                 " keys (", lengths, "), which needs ", needed, " pages of ", page_size,
                 " keys, but block_table has ", max_pages, " per sequence");
@@ -585,13 +585,23 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
               " lengths, got ", cache_seqlens.scalar_type(), " of shape ", cache_seqlens.sizes());
   TORCH_CHECK(cache_seqlens.device() == q.device(), "selfattn: cache_seqlens must be on q's "
               "device ", q.device(), ", got ", cache_seqlens.device());
+  // what fill_params checks, before anything is written
+  TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
+              window_right, ")");
+  // keys a sequence can hold: S_max, or the block table's pages (its shape is
+  // checked by check_block_table)
+  const int64_t cap = !paged                   ? k_cache.size(1)
+                      : block_table->dim() == 2 ? block_table->size(1) * k_cache.size(1)
+                                                : std::numeric_limits<int64_t>::max();
   const at::Tensor lens = cache_seqlens.to(at::kCPU, at::kLong).contiguous();
   std::vector<Sequence> seqs;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = lens.data_ptr<int64_t>()[b];
-    TORCH_CHECK(len >= 0 && (paged || len + n_new <= k_cache.size(1)),
-                "selfattn: cache_seqlens[", b, "] + n_new = ", len, " + ", n_new,
-                " must lie in [0, S_max = ", k_cache.size(1), "]");
+    TORCH_CHECK(len >= 0 && len <= cap - n_new, "selfattn: cache_seqlens[", b, "] + n_new = ",
+                len, " + ", n_new, " must lie in [0, ", paged ? "pages x page_size" : "S_max",
+                " = ", cap, "]");
     seqs.push_back({b * n, n, len, len + n_new});  // k0: where the new keys go
   }
   at::Tensor table;  // on the host

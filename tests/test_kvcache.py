@@ -118,8 +118,13 @@ def test_op_checks_before_writing():
     far[0, 0] = kp.shape[0]
     with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = 27 is not a page"):
         op(q, kp, vp, k, v, torch.tensor([3, 1, 2]), far, 0.25, -1, 0)
-    with pytest.raises(RuntimeError, match=r"sequence 2 has 34 keys \(cache_seqlens \+ n_new\)"):
-        op(q, kp, vp, k, v, torch.tensor([3, 1, 33]), table[:, :4], 0.25, -1, 0)
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new = 32 \+ 1 must lie in "
+                       r"\[0, pages x page_size = 32\]"):
+        op(q, kp, vp, k, v, torch.tensor([3, 1, 32]), table[:, :4], 0.25, -1, 0)
+    with pytest.raises(RuntimeError, match="cache_seqlens"):  # no int64 overflow past the checks
+        op(q, kp, vp, k, v, torch.tensor([3, 1, 2 ** 63 - 1]), table, 0.25, -1, 0)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(q, kc, vc, k, v, torch.tensor([3, 1, 2]), None, float("nan"), -1, 0)
     with pytest.raises(RuntimeError, match="pass both k and v"):
         op(q, kc, vc, k, None, torch.tensor([3, 1, 2]), None, 0.25, -1, 0)
     assert torch.equal(kc, before) and torch.equal(kp, pool)

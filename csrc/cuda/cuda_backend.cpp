@@ -107,15 +107,20 @@ void flash_fwd(const AttnParams& p, int bucket, const SplitKV& split, cudaStream
 }
 
 // Split-KV count of the flash forward (params.h: SplitKV): when its CTAs fill
-// less than one wave of the SMs, each CTA's key tiles are split across up to
-// as many CTAs as fill the wave, with at least kMinSplitTiles tiles per
-// split (below that the merge costs more than the parallelism brings).
+// less than half a wave of the SMs, each CTA's key tiles are split across as
+// many CTAs as still fit in one wave, with at least kMinSplitTiles tiles per
+// split (below that the merge costs more than the parallelism brings). A
+// window bounding both sides bounds the tiles a CTA sees.
 int key_splits(const AttnParams& p, int bucket) {
   constexpr int64_t kMinSplitTiles = 4, kMaxSplits = 64;
-  const int64_t ctas = (p.Sq + fwd_query_tile(bucket) - 1) / fwd_query_tile(bucket) * p.Hq * p.B;
-  const int64_t tiles = (p.Sk + fwd_key_tile(bucket) - 1) / fwd_key_tile(bucket);
+  const int64_t rows = fwd_query_tile(bucket);
+  const int64_t ctas = (p.Sq + rows - 1) / rows * p.Hq * p.B;
+  const int64_t keys = p.window_left >= 0 && p.window_right >= 0
+                           ? std::min(p.Sk, p.window_left + p.window_right + rows)
+                           : p.Sk;
+  const int64_t tiles = (keys + fwd_key_tile(bucket) - 1) / fwd_key_tile(bucket);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, p.device);
-  const int64_t splits = std::min({(sms + ctas - 1) / ctas, tiles / kMinSplitTiles, kMaxSplits,
+  const int64_t splits = std::min({sms / ctas, tiles / kMinSplitTiles, kMaxSplits,
                                    int64_t(65535) / p.B});  // grid dim z = B * splits
   return splits >= 2 ? int(splits) : 1;
 }

@@ -150,15 +150,15 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32, 1)
     if (i < p.Sq) {
       const float inv = l > 0.f ? dscale / l : 0.f;
       T* o_row = o_head + i * p.out.row;
-      float* o_part = split.o + (rows0 + i) * p.Dv;
 #pragma unroll
       for (int nt = 0; nt < kNTo; ++nt) {
         const int d = nt * 8 + 2 * t;
         if (d < p.Dv) {
           const float o0 = acc_o[nt][2 * r] * inv, o1 = acc_o[nt][2 * r + 1] * inv;
           if (split.splits > 1) {
-            o_part[d] = o0;
-            o_part[d + 1] = o1;
+            float* o_part = split.o + (rows0 + i) * p.Dv + d;
+            o_part[0] = o0;
+            o_part[1] = o1;
           } else {
             *reinterpret_cast<uint32_t*>(o_row + d) = pack2<T>(o0, o1);
           }
