@@ -116,6 +116,13 @@ MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor&
 // stays far from int64 overflow (normalize_window, params.h).
 constexpr int64_t kMaxDiagOffset = int64_t(1) << 62;
 
+void check_scale_and_window(double scale, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
+              window_right, ")");
+}
+
 void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const OpArgs& a, const PagedKeys& paged = {}) {
   p.B = q.size(0);
@@ -136,11 +143,8 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.k = bshd(k);
   p.v = bshd(v);
   p.device = q.is_cuda() ? q.get_device() : -1;
-  TORCH_CHECK(std::isfinite(a.scale), "selfattn: scale must be finite, got ", a.scale);
+  check_scale_and_window(a.scale, a.window_left, a.window_right);
   p.scale = a.scale;
-  TORCH_CHECK(a.window_left >= -1 && a.window_right >= -1,
-              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", a.window_left,
-              ", ", a.window_right, ")");
   TORCH_CHECK(a.diag_offset >= -kMaxDiagOffset && a.diag_offset <= kMaxDiagOffset,
               "selfattn: diag_offset must lie in [-2^62, 2^62], got ", a.diag_offset);
   p.diag_offset = a.diag_offset;
@@ -585,11 +589,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
               " lengths, got ", cache_seqlens.scalar_type(), " of shape ", cache_seqlens.sizes());
   TORCH_CHECK(cache_seqlens.device() == q.device(), "selfattn: cache_seqlens must be on q's "
               "device ", q.device(), ", got ", cache_seqlens.device());
-  // what fill_params checks, before anything is written
-  TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
-              window_right, ")");
+  check_scale_and_window(scale, window_left, window_right);  // before anything is written
   // keys a sequence can hold: S_max, or the block table's pages (its shape is
   // checked by check_block_table)
   const int64_t cap = !paged                   ? k_cache.size(1)

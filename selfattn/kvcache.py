@@ -19,19 +19,13 @@ import numbers
 import torch
 
 from . import ops
-from ._args import attention_args, check_block_table
+from ._args import _tensor, attention_args, check_block_table
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous
 
 __all__ = ["attention_with_kvcache"]
 
 FN = "selfattn.attention_with_kvcache"
-
-
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} on {t.device}"
-    return type(t).__name__
 
 
 def _seqlens(cache_seqlens, B, device):
@@ -133,11 +127,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if (k is None) != (v is None):
         raise ArgumentError(f"{FN}: pass both k and v, or neither")
     if k is not None:
-        n_new = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else -1
-        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
-            if not isinstance(t, torch.Tensor) or t.dtype != q.dtype or t.device != q.device:
+        for name, t in (("k", k), ("v", v)):
+            _tensor(FN, name, t)
+            if t.dtype != q.dtype or t.device != q.device:
                 raise ArgumentTypeError(f"{FN}: {name} must be a {q.dtype} tensor on {q.device} "
-                                        f"like q, got {_describe(t)}")
+                                        f"like q, got {t.dtype} on {t.device}")
+        n_new = k.shape[1] if k.dim() == 4 else -1
+        for t, cache in ((k, k_cache), (v, v_cache)):
             if t.shape != (B, n_new) + tuple(cache.shape[2:]):
                 raise ArgumentError(f"{FN}: k and v must be (B, n_new, Hkv, D|Dv) like the "
                                     f"caches, got {tuple(k.shape)} and {tuple(v.shape)}")
