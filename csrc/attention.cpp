@@ -116,11 +116,14 @@ MaskView mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor&
 // stays far from int64 overflow (normalize_window, params.h).
 constexpr int64_t kMaxDiagOffset = int64_t(1) << 62;
 
-void check_scale_and_window(double scale, int64_t window_left, int64_t window_right) {
+// The scalar arguments that no shape bounds.
+void check_scalars(double scale, int64_t window_left, int64_t window_right, int64_t num_splits) {
   TORCH_CHECK(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "selfattn: window sides must be >= 0 or -1 (unbounded), got (", window_left, ", ",
               window_right, ")");
+  TORCH_CHECK(num_splits >= 0, "selfattn: num_splits must be >= 0 (0 = automatic), got ",
+              num_splits);
 }
 
 void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -143,7 +146,7 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.k = bshd(k);
   p.v = bshd(v);
   p.device = q.is_cuda() ? q.get_device() : -1;
-  check_scale_and_window(a.scale, a.window_left, a.window_right);
+  check_scalars(a.scale, a.window_left, a.window_right, a.num_splits);
   p.scale = a.scale;
   TORCH_CHECK(a.diag_offset >= -kMaxDiagOffset && a.diag_offset <= kMaxDiagOffset,
               "selfattn: diag_offset must lie in [-2^62, 2^62], got ", a.diag_offset);
@@ -151,6 +154,7 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.window_left = a.window_left;
   p.window_right = a.window_right;
   normalize_window(p);
+  p.num_splits = a.num_splits;
   TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0.0,
               "selfattn: softcap must be finite and >= 0 (0 = off), got ", a.softcap);
   p.softcap = a.softcap;
@@ -469,9 +473,9 @@ void for_each_sequence(const at::Tensor& q, const std::vector<int64_t>& work, F 
 
 OpArgs sequence_args(const Sequence& s, const std::optional<at::Tensor>& none,
                      const std::optional<at::Tensor>& rng_state, double scale, int64_t wl,
-                     int64_t wr, double dropout_p) {
+                     int64_t wr, double dropout_p, int64_t num_splits = 0) {
   return OpArgs{none, none, rng_state, scale, wl, wr, s.k_len - s.q_len, dropout_p, none, 0.0,
-                s.q0, s.k0};
+                s.q0, s.k0, num_splits};
 }
 
 }  // namespace
@@ -480,7 +484,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
     const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& block_table) {
+    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& block_table,
+    int64_t num_splits) {
   const bool paged = block_table.has_value();
   const auto seqs = sequences(q, k, cu_q, cu_k, seqused_k, paged);
   TORCH_CHECK(v.dim() == k.dim(), "selfattn: varlen v must be ", k.dim(), "-D like k, got ",
@@ -501,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
     const Sequence& s = seqs[b];
     if (s.q_len == 0) return;
     const OpArgs args =
-        sequence_args(s, none, rng_state, scale, window_left, window_right, dropout_p);
+        sequence_args(s, none, rng_state, scale, window_left, window_right, dropout_p, num_splits);
     auto [o, l] =
         paged ? forward_op(backend, rows(q, s.q0, s.q_len), k, v, args,
                            PagedKeys{block_table->data_ptr<int32_t>() +
@@ -562,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
     const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
     const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& block_table, double scale, int64_t window_left,
-    int64_t window_right) {
+    int64_t window_right, int64_t num_splits) {
   const bool paged = block_table.has_value();
   check_qkv(q, k_cache, v_cache, paged);
   const int64_t B = q.size(0), n = q.size(1), Hq = q.size(2), Dv = v_cache.size(3);
@@ -589,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
               " lengths, got ", cache_seqlens.scalar_type(), " of shape ", cache_seqlens.sizes());
   TORCH_CHECK(cache_seqlens.device() == q.device(), "selfattn: cache_seqlens must be on q's "
               "device ", q.device(), ", got ", cache_seqlens.device());
-  check_scale_and_window(scale, window_left, window_right);  // before anything is written
+  check_scalars(scale, window_left, window_right, num_splits);  // before anything is written
   // keys a sequence can hold: S_max, or the block table's pages (its shape is
   // checked by check_block_table)
   const int64_t cap = !paged                   ? k_cache.size(1)
@@ -624,7 +629,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
   const std::optional<at::Tensor> none;
   auto attend = [&](int64_t b) {
     const Sequence& s = seqs[b];
-    const OpArgs args = sequence_args(s, none, none, scale, window_left, window_right, 0.0);
+    const OpArgs args =
+        sequence_args(s, none, none, scale, window_left, window_right, 0.0, num_splits);
     const at::Tensor qb = q.narrow(0, b, 1);
     if (paged) {
       return forward_op(backend, qb, k_cache, v_cache, args,

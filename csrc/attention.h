@@ -21,7 +21,7 @@ struct Backend {
 };
 
 // The arguments the three ops share after their tensors, in schema order
-// (csrc/ops.cpp).
+// (csrc/ops.cpp); num_splits comes from the varlen and kvcache ops only.
 struct OpArgs {
   const std::optional<at::Tensor>& attn_mask;
   const std::optional<at::Tensor>& key_lengths;
@@ -32,6 +32,7 @@ struct OpArgs {
   const std::optional<at::Tensor>& alibi_slopes;
   double softcap;
   int64_t q_start, k_start;
+  int64_t num_splits = 0;  // AttnParams::num_splits
 };
 
 // Keys and values of one sequence in a paged pool (k, v of shape (num_pages,
@@ -60,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
     const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& rng_state, double scale, int64_t window_left,
-    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& block_table);
+    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& block_table,
+    int64_t num_splits);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
     const Backend& backend, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -77,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
     const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
     const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& block_table, double scale, int64_t window_left,
-    int64_t window_right);
+    int64_t window_right, int64_t num_splits);
 
 // Registers the ops of `backend` for a dispatch key (used by the
 // TORCH_LIBRARY_IMPL blocks of the CPU and CUDA files).
@@ -111,9 +113,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
   m.impl("varlen_forward",                                                                   \
          [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                   \
             const at::Tensor& cu_q, const at::Tensor& cu_k, SELFATTN_VARLEN_ARGS,            \
-            const std::optional<at::Tensor>& block_table) {                                  \
+            const std::optional<at::Tensor>& block_table, int64_t splits) {                  \
            return ::selfattn::varlen_forward_op(backend, q, k, v, cu_q, cu_k, used, rng, scale, \
-                                                wl, wr, p, block_table);                      \
+                                                wl, wr, p, block_table, splits);              \
          });                                                                                  \
   m.impl("varlen_backward",                                                                  \
          [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,                \
@@ -126,9 +128,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
          [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,       \
             const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,          \
             const at::Tensor& lens, const std::optional<at::Tensor>& block_table,            \
-            double scale, int64_t wl, int64_t wr) {                                           \
+            double scale, int64_t wl, int64_t wr, int64_t splits) {                           \
            return ::selfattn::kvcache_forward_op(backend, q, k_cache, v_cache, k, v, lens,   \
-                                                 block_table, scale, wl, wr);                 \
+                                                 block_table, scale, wl, wr, splits);         \
          })
 
 }  // namespace selfattn

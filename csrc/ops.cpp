@@ -43,12 +43,14 @@ TORCH_LIBRARY(selfattn, m) {
   // (N, max_pages) int32 (a paged KV cache; forward only), k and v are pools of
   // pages (num_pages, page_size, Hkv, D|Dv), sequence b's key j lies in page
   // block_table[b, j / page_size], seqused_k gives the key counts and cu_seq_k
-  // is not read beyond its shape.
+  // is not read beyond its shape. num_splits: split-KV of the forward
+  // (params.h: AttnParams::num_splits; 0 = automatic).
   // -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 (float64 for float64 inputs)
   m.def(
       "varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seq_q, Tensor cu_seq_k, "
       "Tensor? seqused_k, Tensor? rng_state, float scale, int window_left, "
-      "int window_right, float dropout_p, Tensor? block_table=None) -> (Tensor out, Tensor lse)");
+      "int window_right, float dropout_p, Tensor? block_table=None, int num_splits=0) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seq_q, Tensor cu_seq_k, Tensor? seqused_k, Tensor? rng_state, float scale, "
@@ -58,9 +60,9 @@ TORCH_LIBRARY(selfattn, m) {
   // b, then q (B, n, Hq, D) attends to its first cache_seqlens[b] + n_new keys,
   // windows and causal aligned bottom-right. The caches are (B, S_max, Hkv,
   // D|Dv), or with a block_table (B, max_pages) int32 pools of pages as in
-  // varlen_forward. -> out (B, n, Hq, Dv), lse (B, Hq, n)
+  // varlen_forward; num_splits as there. -> out (B, n, Hq, Dv), lse (B, Hq, n)
   m.def(
       "kvcache_forward(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor? block_table, float scale, int window_left, "
-      "int window_right) -> (Tensor out, Tensor lse)");
+      "int window_right, int num_splits=0) -> (Tensor out, Tensor lse)");
 }

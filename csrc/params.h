@@ -74,6 +74,11 @@ struct AttnParams {
   // checks the page indices against the pool's num_pages.
   const int32_t* pages = nullptr;
   int64_t page_size = 0, num_pages = 0;
+  // Split-KV of the forward (torch's and FlashAttention's num_splits): 0 lets
+  // the backend choose from the shape and the threads or SMs, 1 never splits,
+  // n > 1 splits each query block's keys n ways (fewer when they span fewer
+  // key tiles).
+  int64_t num_splits = 0;
   int device = -1;  // CUDA device index of the tensors, -1 on CPU
 };
 

@@ -79,6 +79,15 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def non_negative_int(fn, name, value):
+    """value as an int >= 0; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ArgumentTypeError(f"{fn}: {name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
 def _window_side(fn, value, side):
     if value is None:
         return -1

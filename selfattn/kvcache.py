@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from . import ops
-from ._args import _tensor, attention_args, check_block_table
+from ._args import _tensor, attention_args, check_block_table, non_negative_int
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous
 
@@ -75,7 +75,7 @@ def _check_pages(block_table, total, page_size, num_pages):
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
                            block_table=None, causal=True, window=None, scale=None,
-                           return_lse=False):
+                           return_lse=False, num_splits=None):
     """Appends k, v to the cache in place, then attends q to the cache.
 
     Args:
@@ -92,6 +92,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             block_table[b, j // page_size]; pages in any order, any page size.
         causal, window, scale: as selfattn.attention, bottom-right aligned:
             query i of sequence b is position cache_seqlens[b] + n_new - n + i.
+        num_splits: split-KV (FlashAttention's): None or 0 lets selfattn
+            choose from the shape and the CPU threads or GPU SMs, 1 never
+            splits, n > 1 splits each block of queries' keys n ways (fewer
+            when they span fewer key tiles; at most 64 on CUDA).
 
     Returns:
         out (B, n, Hq, Dv) [, lse (B, Hq, n)]. Inference only: refuses inputs
@@ -121,6 +125,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                        for t in (q, k_cache, v_cache, k, v)):
         raise ArgumentError(f"{FN}: inference only; call it under torch.no_grad() or "
                             "torch.inference_mode()")
+    num_splits = non_negative_int(FN, "num_splits", num_splits) or 0
     B = q.shape[0]
     seqlens = _seqlens(cache_seqlens, B, q.device)
     n_new = 0
@@ -140,5 +145,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if not torch.compiler.is_compiling():  # compiled, the op checks them (RuntimeError)
         _check_lengths(seqlens, n_new, k_cache, block_table)
     out, lse = ops.kvcache_forward_op(_last_dim_contiguous(q), k_cache, v_cache, k, v, seqlens,
-                                      block_table, a.scale, a.window_left, a.window_right)
+                                      block_table, a.scale, a.window_left, a.window_right,
+                                      num_splits)
     return (out, lse) if return_lse else out

@@ -139,7 +139,7 @@ torch.library.register_autograd("selfattn::attention_forward", _backward,
 
 @torch.library.register_fake("selfattn::varlen_forward")
 def _varlen_forward_fake(q, k, v, cu_seq_q, cu_seq_k, seqused_k, rng_state, scale, window_left,
-                         window_right, dropout_p, block_table=None):
+                         window_right, dropout_p, block_table=None, num_splits=0):
     _same_device(q, k=k, v=v, cu_seq_q=cu_seq_q, cu_seq_k=cu_seq_k, seqused_k=seqused_k,
                  rng_state=rng_state, block_table=block_table)
     Tq, Hq, _ = q.shape
@@ -175,7 +175,7 @@ def _varlen_backward(ctx, dout, _dlse):
         dout = dout.contiguous()
     dq, dk, dv = varlen_backward_op(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k,
                                     rng_state, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * 10
 
 
 torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,
@@ -184,7 +184,7 @@ torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,
 
 @torch.library.register_fake("selfattn::kvcache_forward")
 def _kvcache_forward_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
-                          window_left, window_right):
+                          window_left, window_right, num_splits=0):
     _same_device(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                  block_table=block_table)
     B, n, Hq, _ = q.shape

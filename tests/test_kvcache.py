@@ -79,6 +79,8 @@ def test_bad_input_is_refused():
         (dict(cache_seqlens=0, v=None), ValueError, "both k and v"),
         (dict(cache_seqlens=0, k=k.double()), TypeError, "k must be a torch.float32 tensor"),
         (dict(cache_seqlens=0, v=v[:, :0]), ValueError, r"got \(3, 1, 2, 16\) and \(3, 0"),
+        (dict(cache_seqlens=0, num_splits=-1), TypeError, "num_splits must be a non-negative"),
+        (dict(cache_seqlens=0, num_splits=2.0), TypeError, "num_splits must be a non-negative"),
     ]
     for kw, exc, words in cases:
         args = dict(k=k, v=v)
@@ -125,6 +127,8 @@ def test_op_checks_before_writing():
         op(q, kp, vp, k, v, torch.tensor([3, 1, 2 ** 63 - 1]), table, 0.25, -1, 0)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         op(q, kc, vc, k, v, torch.tensor([3, 1, 2]), None, float("nan"), -1, 0)
+    with pytest.raises(RuntimeError, match="num_splits must be >= 0"):
+        op(q, kc, vc, k, v, torch.tensor([3, 1, 2]), None, 0.25, -1, 0, -2)
     with pytest.raises(RuntimeError, match="pass both k and v"):
         op(q, kc, vc, k, None, torch.tensor([3, 1, 2]), None, 0.25, -1, 0)
     assert torch.equal(kc, before) and torch.equal(kp, pool)
@@ -350,3 +354,38 @@ def test_split_kv_equals_one_split(kw, dtype):
             golden, lowp = (reference.attention(q.to(dt), k.to(dt), v.to(dt), **ref)
                             for dt in (torch.float64, dtype))
             assert_close_to_golden(f"split-kv n={n}", split, lowp, golden)
+
+
+def test_num_splits_sets_the_split_count():
+    """B = 1, one K/V head, one query over 5000 keys. num_splits=1 never
+    splits: the same bits at 1 and 8 threads, where the automatic choice
+    splits. num_splits=4 splits 4 ways at any thread count: the same bits at 1
+    and 8 threads, other bits than no split, and the reference's within
+    DESIGN.md's bound."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 1, 4, 32, generator=g)
+    kc, vc = (torch.randn(1, 5000, 1, 32, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 1, 1, 32, generator=g) for _ in range(2))
+    results = {}
+    for threads in (1, 8):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for splits in (None, 1, 4):
+                with torch.no_grad():
+                    results[threads, splits] = selfattn.attention_with_kvcache(
+                        q, kc, vc, k, v, cache_seqlens=4999, num_splits=splits, return_lse=True)
+        finally:
+            torch.set_num_threads(before)
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(results[a], results[b]))
+
+    assert same((1, 1), (8, 1)) and same((1, 4), (8, 4)) and same((1, None), (1, 1))
+    assert not same((8, None), (8, 1))  # the automatic choice splits at 8 threads
+    assert not same((1, 4), (1, 1))
+    torch.testing.assert_close(results[1, 4], results[1, 1], rtol=1e-5, atol=1e-6)
+    golden, lowp = (reference.attention(q.to(dt), kc.to(dt), vc.to(dt), causal=True,
+                                        causal_alignment="bottom_right")
+                    for dt in (torch.float64, F32))
+    assert_close_to_golden("num_splits=4", results[1, 4][0], lowp, golden)

@@ -143,6 +143,28 @@ def test_dropout_each_sequence_draws_its_own_mask():
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
 
 
+def test_num_splits_reaches_the_kernels():
+    """Two decode-like sequences (1 and 2 queries over 3000 and 2000 keys):
+    num_splits=1 gives the same bits at 1 and 8 threads, num_splits=3 other
+    bits than 1 (the keys split), the same within rounding."""
+    q, k, v, _ = _packed([1, 2], [3000, 2000], Hq=2, Hkv=1, D=32)
+    results = {}
+    for threads in (1, 8):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for splits in (1, 3):
+                with torch.no_grad():
+                    results[threads, splits] = selfattn.varlen_attention(
+                        q, k, v, _cu([1, 2]), _cu([3000, 2000]), 2, 3000, window_size=(-1, 0),
+                        enable_gqa=True, num_splits=splits, return_lse=True)
+        finally:
+            torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(results[1, 1], results[8, 1]))
+    assert not torch.equal(results[1, 3][0], results[1, 1][0])
+    torch.testing.assert_close(results[1, 3], results[1, 1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_forward_of_each_sequence_is_its_own_attention(threads):
     """One long and many short sequences (the short ones run side by side on

@@ -774,8 +774,11 @@ inline int64_t task_heads(const AttnParams& p) {
 // Key splits per forward task (split-KV): when the tasks leave threads idle
 // and the query rows are few (decoding a long cache with a small batch),
 // each task's keys are split into ranges of at least kSplitKeys, computed by
-// tasks of their own and merged through their logsumexp.
-inline int64_t key_splits(int64_t tasks, int64_t Sq, int64_t Sk) {
+// tasks of their own and merged through their logsumexp. p.num_splits > 0
+// overrides the choice (at most one split per key tile).
+inline int64_t key_splits(const AttnParams& p, int64_t tasks) {
+  const int64_t Sq = p.Sq, Sk = p.Sk;
+  if (p.num_splits > 0) return std::min(p.num_splits, (Sk + kBlockN - 1) / kBlockN);
   const int64_t threads = at::get_num_threads();
   if (Sq > kBlockM || tasks >= threads) return 1;
   return std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, Sk / kSplitKeys));
@@ -793,7 +796,7 @@ void forward_kernel(const AttnParams& p) {
   const int64_t rows = task_rows(p.B * p.Hq / heads, p.Sq);
   const int64_t m_blocks = (p.Sq + rows - 1) / rows;
   const int64_t blocks = p.B * (p.Hq / heads) * m_blocks;
-  const int64_t splits = key_splits(blocks, p.Sq, p.Sk);
+  const int64_t splits = key_splits(p, blocks);
   // split-KV partial results, per split and (b, h, i): unnormalized O, row max and sum
   std::vector<T> part_o(splits > 1 ? splits * p.B * p.Hq * p.Sq * p.Dv : 0);
   std::vector<T> part_m(splits > 1 ? splits * p.B * p.Hq * p.Sq : 0), part_l(part_m.size());

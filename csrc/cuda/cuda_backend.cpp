@@ -110,7 +110,8 @@ void flash_fwd(const AttnParams& p, int bucket, const SplitKV& split, cudaStream
 // less than half a wave of the SMs, each CTA's key tiles are split across as
 // many CTAs as still fit in one wave, with at least kMinSplitTiles tiles per
 // split (below that the merge costs more than the parallelism brings). A
-// window bounding both sides bounds the tiles a CTA sees.
+// window bounding both sides bounds the tiles a CTA sees. p.num_splits > 0
+// overrides the choice (at most one split per tile, within kMaxSplits).
 int key_splits(const AttnParams& p, int bucket) {
   constexpr int64_t kMinSplitTiles = 4, kMaxSplits = 64;
   const int64_t rows = fwd_query_tile(bucket);
@@ -119,9 +120,10 @@ int key_splits(const AttnParams& p, int bucket) {
                            ? std::min(p.Sk, p.window_left + p.window_right + rows)
                            : p.Sk;
   const int64_t tiles = (keys + fwd_key_tile(bucket) - 1) / fwd_key_tile(bucket);
+  const int64_t most = std::min(kMaxSplits, int64_t(65535) / p.B);  // grid dim z = B * splits
+  if (p.num_splits > 0) return int(std::min({p.num_splits, tiles, most}));
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, p.device);
-  const int64_t splits = std::min({sms / ctas, tiles / kMinSplitTiles, kMaxSplits,
-                                   int64_t(65535) / p.B});  // grid dim z = B * splits
+  const int64_t splits = std::min({sms / ctas, tiles / kMinSplitTiles, most});
   return splits >= 2 ? int(splits) : 1;
 }
 

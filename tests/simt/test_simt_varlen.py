@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import configure
 
 from selfattn import reference
 from selfattn.testing import assert_close_to_golden
@@ -166,3 +167,31 @@ def test_emulated_kvcache_step_matches_reference(simt, case):
                                             scale=scale)
                         for dt in (torch.float64, dtype))
         assert_close_to_golden(f"{name} seq {b}", out[b:b + 1], lowp, golden)
+
+
+def test_emulated_kvcache_num_splits_sets_the_split_count(simt):
+    """num_splits on the emulated 108-SM device: 1 launches no merge and gives
+    the bits of the automatic choice on a 1-SM device (which never splits);
+    5 and 100 (more splits than the 11 key tiles: one per tile) merge, within
+    DESIGN.md's bound of the reference."""
+    from conftest import configure
+
+    g = torch.Generator().manual_seed(4)
+    Hq, Hkv, D, S = 4, 2, 64, 700
+    q = torch.randn(1, 1, Hq, D, generator=g).to(torch.float16)
+    kc, vc = (torch.randn(1, S, Hkv, D, generator=g).to(torch.float16) for _ in range(2))
+    lens, scale = torch.tensor([S]), D ** -0.5
+    golden, lowp = (reference.attention(q.to(dt), kc.to(dt), vc.to(dt), causal=True,
+                                        scale=scale)
+                    for dt in (torch.float64, torch.float16))
+    results = {}
+    for sm_count, splits, merged in ((1, 0, False), (108, 1, False), (108, 5, True),
+                                     (108, 100, True)):
+        configure(0, sm_count=sm_count)
+        results[sm_count, splits] = simt.kvcache_forward(q, kc, vc, None, None, lens, None,
+                                                         scale, -1, 0, splits)
+        log = simt.simt_take_log()
+        assert any("split_kv_combine_kernel" in k for k in log) == merged, log
+        assert_close_to_golden(f"num_splits={splits}", results[sm_count, splits][0], lowp,
+                               golden)
+    assert all(torch.equal(a, b) for a, b in zip(results[1, 0], results[108, 1]))
