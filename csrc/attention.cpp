@@ -323,8 +323,8 @@ at::Tensor probs_op(const Backend& backend, const at::Tensor& q, const at::Tenso
 // Packed variable-length batches: sequence b is rows [cu_q[b], cu_q[b + 1]) of
 // q (Tq, Hq, D) and rows [cu_k[b], cu_k[b + 1]) of k, v (Tk, Hkv, D|Dv), its
 // first seqused_k[b] keys only when given. Each sequence runs the backend's
-// kernels as a batch of one on views of the packed tensors (the forward's
-// short sequences side by side on the CPU: for_each_sequence), causal and
+// kernels as a batch of one on views of the packed tensors (short sequences
+// side by side on the CPU, forward and backward: for_each_sequence), causal and
 // windows aligned bottom-right per sequence (FlashAttention's varlen), its
 // dropout drawn at its packed row positions (q_start, k_start), so that no
 // two sequences share a mask.
@@ -536,8 +536,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
   auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
   const std::optional<at::Tensor> none;
-  for (const Sequence& s : seqs) {
-    if (s.q_len == 0 || s.k_len == 0) continue;
+  std::vector<int64_t> work;
+  for (const Sequence& s : seqs) work.push_back(s.q_len * s.k_len);
+  for_each_sequence(q, work, [&](int64_t b) {
+    const Sequence& s = seqs[b];
+    if (s.q_len == 0 || s.k_len == 0) return;
     auto grads = backward_op(backend, rows(dout, s.q0, s.q_len), rows(q, s.q0, s.q_len),
                              rows(k, s.k0, s.k_len), rows(v, s.k0, s.k_len),
                              rows(out, s.q0, s.q_len),
@@ -548,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
     dq.narrow(0, s.q0, s.q_len).copy_(std::get<0>(grads)[0]);
     dk.narrow(0, s.k0, s.k_len).copy_(std::get<1>(grads)[0]);
     dv.narrow(0, s.k0, s.k_len).copy_(std::get<2>(grads)[0]);
-  }
+  });
   return {dq, dk, dv};
 }
 

@@ -192,6 +192,34 @@ def test_forward_of_each_sequence_is_its_own_attention(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gradients_of_each_sequence_are_its_own(threads):
+    """The backward of one long and many short sequences (the short ones side
+    by side on the CPU threads): each sequence's dq, dk, dv are bitwise those
+    of selfattn.attention's backward on it alone at the same thread count."""
+    lens = [300, 1, 0, 5, 33, 64, 2, 90, 17, 3, 40]
+    q, k, v, dout = _packed(lens, lens, Hq=4, Hkv=2, D=32)
+    cu = _cu(lens).tolist()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = selfattn.varlen_attention(*xs, _cu(lens), _cu(lens), 300, 300,
+                                        window_size=(-1, 0), enable_gqa=True)
+        grads = torch.autograd.grad(out, xs, dout)
+        for b, n in enumerate(lens):
+            if n == 0:
+                continue
+            rows = slice(cu[b], cu[b + 1])
+            alone = [t[None, rows].clone().requires_grad_() for t in (q, k, v)]
+            o = selfattn.attention(*alone, causal=True)
+            expected = torch.autograd.grad(o, alone, dout[None, rows])
+            for name, g, e in zip(("dq", "dk", "dv"), grads, expected):
+                assert torch.equal(g[rows], e[0]), f"sequence {b} {name}"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_opcheck_and_compile():
     q_lens = [5, 0, 12]
     q, k, v, dout = _packed(q_lens, q_lens, Hq=2, Hkv=1)

@@ -15,9 +15,10 @@
 // query head of the group, its key blocks and the query tiles that see them,
 // recomputes P = exp(S - lse) on transposed tiles (keys as rows, so no
 // product needs a transposed operand) and accumulates dK, dV per key block
-// and dQᵀ per head (or per thread when key blocks are split); with a soft-cap,
-// dS carries its derivative 1 - tanh² (kept per tile). Deterministic
-// for a given thread count. Probs: one task per query block, computing lse
+// and dQᵀ per head (or per chunk of tasks when key blocks are split:
+// parallel_chunks); with a soft-cap, dS carries its derivative 1 - tanh² (kept
+// per tile). Deterministic for a given thread count, also when run inline in
+// another parallel region (varlen's short sequences side by side). Probs: one task per query block, computing lse
 // first when it is not given.
 //
 // Tiles are converted to the accumulation type (float, or double for float64)
@@ -748,6 +749,22 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work, 1));
 }
 
+// at::parallel_for over [0, n) in chunks that n, grain and the thread count
+// alone fix (the split the OpenMP at::parallel_for makes): body(chunk, begin,
+// end). Per-chunk accumulators then sum the same whether the chunks run each on
+// its thread or one after another inside another parallel region (varlen's
+// short sequences side by side: attention.cpp, for_each_sequence).
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, int64_t threads, F body) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads, (n + grain - 1) / grain));
+  const int64_t per = (n + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      if (c * per < n) body(c, c * per, std::min(n, (c + 1) * per));
+    }
+  });
+}
+
 // Query rows per forward task: the rows of a task share each converted K/V
 // tile, in sub-blocks of kBlockM rows; kTaskRows when that still gives every
 // thread several tasks, else kBlockM, and never more than Sq (the task's tiles
@@ -964,10 +981,11 @@ void backward_kernel(const AttnBwdParams& p) {
   // has several heads) and written after its last head. dQᵀ is accumulated in
   // the accumulation type: with one task per (b, hkv) the task owns its heads,
   // so a (D, Sq) buffer per thread serves and is written to dq when the head
-  // is done; with split key blocks each thread sums into its own
-  // (B, Hq, D, Sq) buffer, added in thread order at the end. The mask
-  // gradient, which broadcast dims may share between heads, always goes
-  // through per-thread buffers. Deterministic for a given thread count.
+  // is done; with split key blocks each chunk of tasks (parallel_chunks) sums
+  // into its own (B, Hq, D, Sq) buffer, added in chunk order at the end. The
+  // mask gradient, which broadcast dims may share between heads, always goes
+  // through per-chunk buffers. Deterministic for a given thread count, inline
+  // in another parallel region too.
   const int64_t threads = at::get_num_threads();
   const int64_t n_blocks = (p.Sk + kBwdBlockN - 1) / kBwdBlockN;
   const bool split_keys = p.B * p.Hkv < 2 * threads;
@@ -1000,10 +1018,10 @@ void backward_kernel(const AttnBwdParams& p) {
   // dK, dV accumulators: one key block, or the task's keys when heads share them.
   const int64_t acc_keys = group > 1 ? task_keys : kBwdBlockN;
   const int64_t grain = grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group);
-  at::parallel_for(0, p.B * p.Hkv * tasks_per_head, grain, [&](int64_t begin, int64_t end) {
-    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+  parallel_chunks(p.B * p.Hkv * tasks_per_head, grain, threads,
+                  [&](int64_t chunk, int64_t begin, int64_t end) {
     Tile<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(kBwdBlockM * p.D);
-    T* dmask_t = dmask_acc.data() + tid * dmask_size;
+    T* dmask_t = dmask_acc.data() + chunk * dmask_size;
     KVTile<S, T> kv(p, kBwdBlockN, true, true);
     Tile<T> Qc(kBwdBlockM * p.D), Qt(p.D * kBwdBlockM);
     Tile<T> dOc(kBwdBlockM * p.Dv), dOt(p.Dv * kBwdBlockM);
@@ -1023,7 +1041,7 @@ void backward_kernel(const AttnBwdParams& p) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const T* lse = lse_all + (b * p.Hq + h) * p.Sq;
         const T* dl = delta + (b * p.Hq + h) * p.Sq;
-        T* dqt = split_keys ? dqt_acc.data() + tid * dq_size + (b * p.Hq + h) * p.D * p.Sq
+        T* dqt = split_keys ? dqt_acc.data() + chunk * dq_size + (b * p.Hq + h) * p.D * p.Sq
                             : dqt_head.data();
         if (!split_keys) std::fill(dqt_head.begin(), dqt_head.end(), T(0));
         for (int64_t j0 = j_lo; j0 < j_hi; j0 += kBwdBlockN) {
@@ -1114,7 +1132,7 @@ void backward_kernel(const AttnBwdParams& p) {
     matmul_release();
   });
 
-  // Split key blocks: dq = scale * the threads' accumulators summed in thread order.
+  // Split key blocks: dq = scale * the chunks' accumulators summed in chunk order.
   if (split_keys) {
     at::parallel_for(0, p.B * p.Hq, grain_for(threads * p.D * p.Sq), [&](int64_t begin,
                                                                           int64_t end) {
