@@ -95,7 +95,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         num_splits: split-KV (FlashAttention's): None or 0 lets selfattn
             choose from the shape and the CPU threads or GPU SMs, 1 never
             splits, n > 1 splits each block of queries' keys n ways (fewer
-            when they span fewer key tiles; at most 64 on CUDA).
+            when they span fewer key tiles; at most 64), each split holding
+            a float32 partial output the size of the output.
 
     Returns:
         out (B, n, Hq, Dv) [, lse (B, Hq, n)]. Inference only: refuses inputs

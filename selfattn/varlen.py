@@ -87,7 +87,8 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
         num_splits: split-KV of the forward, as torch's: None or 0 lets
             selfattn choose (from the shape and the CPU threads or GPU SMs),
             1 never splits, n > 1 splits each block of queries' keys n ways
-            (fewer when they span fewer key tiles; at most 64 on CUDA). Every
+            (fewer when they span fewer key tiles; at most 64), each split
+            holding a float32 partial output the size of the output. Every
             sequence is computed on its own whatever the value, so a
             sequence's result never depends on the rest of the batch.
         dropout_p, generator: dropout on the probabilities (selfattn's
@@ -119,8 +120,9 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
         if cu_seq_k is None:
             cu_seq_k = torch.zeros(block_table.shape[0] + 1, dtype=torch.int64,
                                    device=query.device)
-    for name, n in (("max_q", max_q), ("max_k", max_k), ("num_splits", num_splits)):
-        non_negative_int(FN, name, n)
+    non_negative_int(FN, "max_q", max_q)
+    non_negative_int(FN, "max_k", max_k)
+    num_splits = non_negative_int(FN, "num_splits", num_splits) or 0
     if not isinstance(enable_gqa, bool):
         raise ArgumentTypeError(f"{FN}: enable_gqa must be a bool, got {enable_gqa!r}")
     if not enable_gqa and query.shape[1] != key.shape[-2]:
@@ -145,7 +147,7 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     out, lse = ops.varlen_forward_op(
         _last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
         cu_seq_q, cu_seq_k, seqused_k, rng, a.scale, a.window_left, a.window_right, a.dropout_p,
-        block_table, num_splits or 0)
+        block_table, num_splits)
     if return_lse or (return_aux is not None and getattr(return_aux, "lse", False)):
         return out, lse
     return out

@@ -194,17 +194,19 @@ def test_forward_of_each_sequence_is_its_own_attention(threads):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_gradients_of_each_sequence_are_its_own(threads):
-    """The backward of one long and many short sequences (the short ones side
-    by side on the CPU threads): each sequence's dq, dk, dv are bitwise those
-    of selfattn.attention's backward on it alone at the same thread count."""
-    lens = [300, 1, 0, 5, 33, 64, 2, 90, 17, 3, 40]
-    q, k, v, dout = _packed(lens, lens, Hq=4, Hkv=2, D=32)
+    """The backward of one long and several shorter sequences (at 3 threads
+    the 600-token ones run side by side, inline on one thread each, their 3
+    key blocks split into 3 chunks whose dQ sum in chunk order): each
+    sequence's dq, dk, dv are bitwise those of selfattn.attention's backward
+    on it alone at the same thread count."""
+    lens = [2000, 600, 0, 600, 1, 600, 40]
+    q, k, v, dout = _packed(lens, lens, Hq=2, Hkv=1, D=16)
     cu = _cu(lens).tolist()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         xs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = selfattn.varlen_attention(*xs, _cu(lens), _cu(lens), 300, 300,
+        out = selfattn.varlen_attention(*xs, _cu(lens), _cu(lens), 2000, 2000,
                                         window_size=(-1, 0), enable_gqa=True)
         grads = torch.autograd.grad(out, xs, dout)
         for b, n in enumerate(lens):

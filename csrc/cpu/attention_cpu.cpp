@@ -28,7 +28,8 @@
 // arithmetic is at::vec, with an AVX-512 exp and 16 x 16 transpose of our
 // own. Extra memory is O(B·H·S) plus per-thread tiles (whose buffers each
 // thread keeps for its next call, up to 1 MiB: TileCache) and, in the
-// backward, one (D, Sq) dQᵀ accumulator per thread: no Sq x Sk buffer and no
+// backward, a (D, Sq) dQᵀ accumulator per thread or, when key blocks are
+// split, a (B, Hq, D, Sq) one per chunk of tasks: no Sq x Sk buffer and no
 // per-thread copy of K, V, Q or dO. Dropout bits come from philox.h,
 // keyed by (b, h, q_start + i, k_start + j), so the backward regenerates the
 // forward's mask and a block of a larger attention draws the whole's.
@@ -749,14 +750,20 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work, 1));
 }
 
-// at::parallel_for over [0, n) in chunks that n, grain and the thread count
-// alone fix (the split the OpenMP at::parallel_for makes): body(chunk, begin,
-// end). Per-chunk accumulators then sum the same whether the chunks run each on
-// its thread or one after another inside another parallel region (varlen's
-// short sequences side by side: attention.cpp, for_each_sequence).
+// Chunks of n tasks of `grain` for parallel_chunks: those of the OpenMP
+// at::parallel_for, fixed by n, grain and the thread count alone.
+inline int64_t chunk_count(int64_t n, int64_t grain) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
+}
+
+// at::parallel_for over [0, n) in `chunks` fixed chunks (chunk_count):
+// body(chunk, begin, end). Per-chunk accumulators then sum the same whether
+// the chunks run each on its thread or one after another inside another
+// parallel region (varlen's short sequences side by side: attention.cpp,
+// for_each_sequence), as long as at::get_num_threads() reads the same there
+// (it does with libgomp, unless OMP_NUM_THREADS lists a smaller nested count).
 template <typename F>
-void parallel_chunks(int64_t n, int64_t grain, int64_t threads, F body) {
-  const int64_t chunks = std::max<int64_t>(1, std::min(threads, (n + grain - 1) / grain));
+void parallel_chunks(int64_t n, int64_t chunks, F body) {
   const int64_t per = (n + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -792,10 +799,12 @@ inline int64_t task_heads(const AttnParams& p) {
 // and the query rows are few (decoding a long cache with a small batch),
 // each task's keys are split into ranges of at least kSplitKeys, computed by
 // tasks of their own and merged through their logsumexp. p.num_splits > 0
-// overrides the choice (at most one split per key tile).
+// overrides the choice (at most one split per key tile, and kMaxSplits: each
+// split holds a partial output the size of out).
 inline int64_t key_splits(const AttnParams& p, int64_t tasks) {
+  constexpr int64_t kMaxSplits = 64;
   const int64_t Sq = p.Sq, Sk = p.Sk;
-  if (p.num_splits > 0) return std::min(p.num_splits, (Sk + kBlockN - 1) / kBlockN);
+  if (p.num_splits > 0) return std::min({p.num_splits, (Sk + kBlockN - 1) / kBlockN, kMaxSplits});
   const int64_t threads = at::get_num_threads();
   if (Sq > kBlockM || tasks >= threads) return 1;
   return std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, Sk / kSplitKeys));
@@ -970,8 +979,8 @@ void backward_kernel(const AttnBwdParams& p) {
     }
   });
 
-  // Tasks: one per (b, hkv) when that gives every thread work, else one per
-  // (b, hkv, key block). A task visits the heads of its group in turn, and for
+  // Tasks: one per (b, hkv) when that gives every thread work or the keys are
+  // one block, else one per (b, hkv, key block). A task visits the heads of its group in turn, and for
   // each its key blocks (converted once per block) and, inside, the query tiles
   // that see them (converted per tile, so nothing of size S is held). Every
   // tile is computed transposed (keys as rows), so that no product needs a
@@ -988,11 +997,14 @@ void backward_kernel(const AttnBwdParams& p) {
   // in another parallel region too.
   const int64_t threads = at::get_num_threads();
   const int64_t n_blocks = (p.Sk + kBwdBlockN - 1) / kBwdBlockN;
-  const bool split_keys = p.B * p.Hkv < 2 * threads;
+  const bool split_keys = p.B * p.Hkv < 2 * threads && n_blocks > 1;
   const int64_t blocks_per_task = split_keys ? 1 : n_blocks;
   const int64_t tasks_per_head = n_blocks / blocks_per_task;
+  const int64_t task_keys = blocks_per_task * kBwdBlockN;
+  const int64_t tasks = p.B * p.Hkv * tasks_per_head;
+  const int64_t chunks = chunk_count(tasks, grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group));
   const int64_t dq_size = p.B * p.Hq * p.D * p.Sq;
-  std::vector<T> dqt_acc(split_keys ? threads * dq_size : 0, T(0));
+  std::vector<T> dqt_acc(split_keys ? chunks * dq_size : 0, T(0));
   S* dq = static_cast<S*>(p.dq.ptr);
   // dq rows [i_begin, i_end) of head (b, h) = scale * dqt (D, Sq)ᵀ, kBwdBlockM
   // rows at a time through `rows` (kBwdBlockM x D scratch).
@@ -1012,14 +1024,11 @@ void backward_kernel(const AttnBwdParams& p) {
       want_dmask ? (p.B - 1) * p.dmask.batch + (p.Hq - 1) * p.dmask.head +
                        (p.Sq - 1) * p.dmask.row + (p.Sk - 1) * p.dmask.col + 1
                  : 0;
-  std::vector<T> dmask_acc(threads * dmask_size, T(0));
+  std::vector<T> dmask_acc(chunks * dmask_size, T(0));
 
-  const int64_t task_keys = blocks_per_task * kBwdBlockN;
   // dK, dV accumulators: one key block, or the task's keys when heads share them.
   const int64_t acc_keys = group > 1 ? task_keys : kBwdBlockN;
-  const int64_t grain = grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group);
-  parallel_chunks(p.B * p.Hkv * tasks_per_head, grain, threads,
-                  [&](int64_t chunk, int64_t begin, int64_t end) {
+  parallel_chunks(tasks, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     Tile<T> dqt_head(split_keys ? 0 : p.D * p.Sq), dq_rows(kBwdBlockM * p.D);
     T* dmask_t = dmask_acc.data() + chunk * dmask_size;
     KVTile<S, T> kv(p, kBwdBlockN, true, true);
@@ -1134,13 +1143,13 @@ void backward_kernel(const AttnBwdParams& p) {
 
   // Split key blocks: dq = scale * the chunks' accumulators summed in chunk order.
   if (split_keys) {
-    at::parallel_for(0, p.B * p.Hq, grain_for(threads * p.D * p.Sq), [&](int64_t begin,
-                                                                          int64_t end) {
+    at::parallel_for(0, p.B * p.Hq, grain_for(chunks * p.D * p.Sq), [&](int64_t begin,
+                                                                         int64_t end) {
       Tile<T> rows(kBwdBlockM * p.D);
       for (int64_t bh = begin; bh < end; ++bh) {
         T* sum = dqt_acc.data() + bh * p.D * p.Sq;
-        for (int64_t t = 1; t < threads; ++t) {
-          const T* acc = sum + t * dq_size;
+        for (int64_t c = 1; c < chunks; ++c) {
+          const T* acc = sum + c * dq_size;
           for (int64_t idx = 0; idx < p.D * p.Sq; ++idx) sum[idx] += acc[idx];
         }
         store_dq(sum, bh / p.Hq, bh % p.Hq, 0, p.Sq, rows.data());
@@ -1149,8 +1158,8 @@ void backward_kernel(const AttnBwdParams& p) {
   }
   if (want_dmask) {
     T* dmask = static_cast<T*>(const_cast<void*>(p.dmask.ptr));
-    for (int64_t t = 0; t < threads; ++t) {
-      for (int64_t idx = 0; idx < dmask_size; ++idx) dmask[idx] += dmask_acc[t * dmask_size + idx];
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t idx = 0; idx < dmask_size; ++idx) dmask[idx] += dmask_acc[c * dmask_size + idx];
     }
   }
 }

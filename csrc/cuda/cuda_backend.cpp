@@ -21,6 +21,7 @@
 #include <ATen/Context.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../attention.h"
 #include "device_context.h"
@@ -71,14 +72,23 @@ int flash_bucket(const AttnParams& p, at::ScalarType dtype) {
   return d <= 64 ? 64 : d <= 128 ? 128 : 256;
 }
 
+// f(std::integral_constant<int, kD>{}) for the head dim kD of a bucket: the
+// one place where a bucket becomes a template argument.
+template <typename F>
+decltype(auto) with_bucket(int bucket, F f) {
+  switch (bucket) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
+}
+
 // Keys per tile, and query rows per CTA, of the flash forward of a bucket.
 int fwd_key_tile(int bucket) {
-  return bucket == 64 ? FwdConfig<64>::kBc : bucket == 128 ? FwdConfig<128>::kBc
-                                                            : FwdConfig<256>::kBc;
+  return with_bucket(bucket, [](auto d) { return FwdConfig<decltype(d)::value>::kBc; });
 }
 int fwd_query_tile(int bucket) {
-  return bucket == 64 ? FwdConfig<64>::kBr : bucket == 128 ? FwdConfig<128>::kBr
-                                                            : FwdConfig<256>::kBr;
+  return with_bucket(bucket, [](auto d) { return FwdConfig<decltype(d)::value>::kBr; });
 }
 
 bool smem_fits(const AttnParams& p, size_t bytes) {
@@ -86,24 +96,14 @@ bool smem_fits(const AttnParams& p, size_t bytes) {
 }
 
 size_t fwd_smem(int bucket) {
-  return bucket == 64 ? fwd_smem_bytes<64>() : bucket == 128 ? fwd_smem_bytes<128>()
-                                                              : fwd_smem_bytes<256>();
+  return with_bucket(bucket, [](auto d) { return fwd_smem_bytes<decltype(d)::value>(); });
 }
 size_t bwd_smem(int bucket, bool deterministic) {
-  const size_t dkv = bucket == 64 ? bwd_smem_bytes<64>() : bucket == 128 ? bwd_smem_bytes<128>()
-                                                                          : bwd_smem_bytes<256>();
-  const size_t dq = bucket == 64 ? dq_smem_bytes<64>() : bucket == 128 ? dq_smem_bytes<128>()
-                                                                        : dq_smem_bytes<256>();
-  return deterministic ? std::max(dkv, dq) : dkv;
-}
-
-template <typename T>
-void flash_fwd(const AttnParams& p, int bucket, const SplitKV& split, cudaStream_t stream) {
-  switch (bucket) {
-    case 64: run_flash_fwd<T, 64>(p, split, stream); break;
-    case 128: run_flash_fwd<T, 128>(p, split, stream); break;
-    default: run_flash_fwd<T, 256>(p, split, stream); break;
-  }
+  return with_bucket(bucket, [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    return deterministic ? std::max(bwd_smem_bytes<kD>(), dq_smem_bytes<kD>())
+                         : bwd_smem_bytes<kD>();
+  });
 }
 
 // Split-KV count of the flash forward (params.h: SplitKV): when its CTAs fill
@@ -125,15 +125,6 @@ int key_splits(const AttnParams& p, int bucket) {
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, p.device);
   const int64_t splits = std::min({sms / ctas, tiles / kMinSplitTiles, most});
   return splits >= 2 ? int(splits) : 1;
-}
-
-template <typename T>
-void flash_bwd(const AttnBwdParams& p, int bucket, float* dq_accum, cudaStream_t stream) {
-  switch (bucket) {
-    case 64: run_flash_bwd<T, 64>(p, dq_accum, stream); break;
-    case 128: run_flash_bwd<T, 128>(p, dq_accum, stream); break;
-    default: run_flash_bwd<T, 256>(p, dq_accum, stream); break;
-  }
 }
 
 // Does the attn_mask gradient sum over a broadcast dim (so atomics add in a
@@ -168,11 +159,14 @@ void forward(const AttnParams& p0, at::ScalarType dtype) {
     split.o = workspace.data_ptr<float>();
     split.lse = split.o + rows * p.Dv;
   }
-  if (dtype == at::kHalf) {
-    flash_fwd<__half>(p, bucket, split, stream);
-  } else {
-    flash_fwd<__nv_bfloat16>(p, bucket, split, stream);
-  }
+  with_bucket(bucket, [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    if (dtype == at::kHalf) {
+      run_flash_fwd<__half, kD>(p, split, stream);
+    } else {
+      run_flash_fwd<__nv_bfloat16, kD>(p, split, stream);
+    }
+  });
 }
 
 void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
@@ -206,11 +200,14 @@ void backward(const AttnBwdParams& p0, at::ScalarType dtype) {
     dq_accum = at::zeros({p.B, p.Sq, p.Hq, p.D}, device_options(p.device).dtype(at::kFloat));
   }
   float* acc = deterministic ? nullptr : dq_accum.data_ptr<float>();
-  if (dtype == at::kHalf) {
-    flash_bwd<__half>(p, bucket, acc, stream);
-  } else {
-    flash_bwd<__nv_bfloat16>(p, bucket, acc, stream);
-  }
+  with_bucket(bucket, [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    if (dtype == at::kHalf) {
+      run_flash_bwd<__half, kD>(p, acc, stream);
+    } else {
+      run_flash_bwd<__nv_bfloat16, kD>(p, acc, stream);
+    }
+  });
 }
 
 void probs(const AttnParams& p0, void* out, bool compute_lse, at::ScalarType dtype) {

@@ -174,8 +174,6 @@ def test_emulated_kvcache_num_splits_sets_the_split_count(simt):
     the bits of the automatic choice on a 1-SM device (which never splits);
     5 and 100 (more splits than the 11 key tiles: one per tile) merge, within
     DESIGN.md's bound of the reference."""
-    from conftest import configure
-
     g = torch.Generator().manual_seed(4)
     Hq, Hkv, D, S = 4, 2, 64, 700
     q = torch.randn(1, 1, Hq, D, generator=g).to(torch.float16)
