@@ -134,9 +134,9 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.D = q.size(3);
   p.Sk = k.size(1);
   if (paged.pages != nullptr) {
-    TORCH_CHECK(p.B == 1, "selfattn: paged keys take one sequence per call");
     p.Sk = paged.len;
     p.pages = paged.pages;
+    p.pages_batch = paged.batch;
     p.page_size = k.size(1);
     p.num_pages = k.size(0);
   }
@@ -153,6 +153,9 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.diag_offset = a.diag_offset;
   p.window_left = a.window_left;
   p.window_right = a.window_right;
+  TORCH_CHECK(!a.diag_per_batch || a.key_lengths.has_value(),
+              "selfattn: per-batch alignment needs key_lengths");
+  p.diag_per_batch = a.diag_per_batch;
   normalize_window(p);
   p.num_splits = a.num_splits;
   TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0.0,
@@ -561,7 +564,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
 // flash_attn_with_kvcache): k, v (B, n_new, Hkv, D|Dv) are copied into the
 // caches at rows cache_seqlens[b] .. cache_seqlens[b] + n_new - 1, then q
 // (B, n, Hq, D) attends to the first cache_seqlens[b] + n_new keys of
-// sequence b, bottom-right aligned (a batch of one per sequence, as varlen).
+// sequence b, bottom-right aligned: in one call where the backend aligns per
+// batch entry (CUDA: Backend::per_batch_diag), else a batch of one per
+// sequence, as varlen (the CPU: sequences side by side, split-KV per sequence).
 // The caches are (B, S_max, Hkv, D|Dv), or with a block_table (B, max_pages)
 // pools of pages (num_pages, page_size, Hkv, D|Dv). Every check (lengths,
 // pages) runs before the first write.
@@ -630,6 +635,22 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
     }
   }
   const std::optional<at::Tensor> none;
+  if (backend.per_batch_diag && B > 1) {
+    // One call for the batch: the keys past each sequence's length masked
+    // (key_lengths), each aligned bottom-right to its own length.
+    int64_t longest = 0;
+    for (const Sequence& s : seqs) longest = std::max(longest, s.k_len);
+    const std::optional<at::Tensor> lengths = (cache_seqlens.to(at::kLong) + n_new).contiguous();
+    const OpArgs args{none, lengths,     none, scale, window_left, window_right, 0, 0.0, none,
+                      0.0,  0,           0,    num_splits, true};
+    if (paged) {
+      return forward_op(backend, q, k_cache, v_cache, args,
+                        PagedKeys{block_table->data_ptr<int32_t>(), longest,
+                                  block_table->stride(0)});
+    }
+    return forward_op(backend, q, k_cache.narrow(1, 0, longest), v_cache.narrow(1, 0, longest),
+                      args);
+  }
   auto attend = [&](int64_t b) {
     const Sequence& s = seqs[b];
     const OpArgs args =

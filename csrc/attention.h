@@ -18,6 +18,10 @@ struct Backend {
   // probs (B, Hq, Sq, Sk) contiguous in q's dtype; p.lse may be filled first
   // by the backend when `compute_lse` is true.
   void (*probs)(const AttnParams& p, void* probs, bool compute_lse, at::ScalarType dtype);
+  // The forward takes AttnParams::diag_per_batch and batches of paged
+  // sequences, so that a KV cache step is one call (CUDA: one launch instead
+  // of one per sequence); otherwise it runs sequence by sequence.
+  bool per_batch_diag = false;
 };
 
 // The arguments the three ops share after their tensors, in schema order
@@ -32,15 +36,17 @@ struct OpArgs {
   const std::optional<at::Tensor>& alibi_slopes;
   double softcap;
   int64_t q_start, k_start;
-  int64_t num_splits = 0;  // AttnParams::num_splits
+  int64_t num_splits = 0;       // AttnParams::num_splits
+  bool diag_per_batch = false;  // AttnParams::diag_per_batch (Backend::per_batch_diag only)
 };
 
-// Keys and values of one sequence in a paged pool (k, v of shape (num_pages,
-// page_size, Hkv, D|Dv)): its `len` keys lie in the pages listed at `pages`
-// (int32, on the tensors' device; checked by the caller).
+// Keys and values of paged sequences in a pool (k, v of shape (num_pages,
+// page_size, Hkv, D|Dv)): batch entry b's keys, `len` at most, lie in the
+// pages listed at pages + b * batch (int32, on the tensors' device; checked by
+// the caller).
 struct PagedKeys {
   const int32_t* pages = nullptr;
-  int64_t len = 0;
+  int64_t len = 0, batch = 0;
 };
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const Backend& backend, const at::Tensor& q,

@@ -49,6 +49,10 @@ struct AttnParams {
   // Sk - Sq for bottom-right alignment, 0 for top-left, or the offset of a
   // block of a larger attention; |diag_offset| <= 2^62 (attention.cpp checks).
   int64_t diag_offset = 0;
+  // Bottom-right per batch entry (CUDA kernels only: Backend::per_batch_diag):
+  // batch entry b's offset is then key_lengths[b] - Sq (diag_offset unused),
+  // as a KV cache step over sequences of different lengths needs.
+  bool diag_per_batch = false;
   // Score modifiers, applied to the scaled score s of query i and key j in
   // this order, before the attn_mask and the visibility: soft-capping
   // s -> softcap * tanh(s / softcap) (0 = off), then the ALiBi bias
@@ -67,13 +71,14 @@ struct AttnParams {
   // Positions of q's row 0 and k's row 0 in a larger sequence, for dropout
   // only: element (b, h, i, j) draws as element (b, h, q_start + i, k_start + j).
   int64_t q_start = 0, k_start = 0;
-  // Paged keys and values (FlashAttention's block_table; forward, B = 1):
+  // Paged keys and values (FlashAttention's block_table; forward only):
   // when `pages` is set, k and v are pools of pages (num_pages, page_size,
-  // Hkv, D|Dv), k.batch and v.batch are their page strides, and key j is row
-  // j % page_size of page pages[j / page_size] (key_row below). The caller
-  // checks the page indices against the pool's num_pages.
+  // Hkv, D|Dv), k.batch and v.batch are their page strides, and key j of
+  // batch entry b is row j % page_size of page pages[b * pages_batch + j /
+  // page_size] (key_row below). The caller checks the page indices against
+  // the pool's num_pages.
   const int32_t* pages = nullptr;
-  int64_t page_size = 0, num_pages = 0;
+  int64_t page_size = 0, num_pages = 0, pages_batch = 0;
   // Split-KV of the forward (torch's and FlashAttention's num_splits): 0 lets
   // the backend choose from the shape and the threads or SMs, 1 never splits,
   // n > 1 splits each query block's keys n ways (fewer when they span fewer
@@ -98,7 +103,8 @@ struct SplitKV {
 // Offset in elements of key j of batch entry b in k or v (`t`), head 0.
 SELFATTN_HD int64_t key_row(const AttnParams& p, const BSHD& t, int64_t b, int64_t j) {
   if (p.pages == nullptr) return b * t.batch + j * t.row;
-  return int64_t(p.pages[j / p.page_size]) * t.batch + (j % p.page_size) * t.row;
+  return int64_t(p.pages[b * p.pages_batch + j / p.page_size]) * t.batch +
+         (j % p.page_size) * t.row;
 }
 
 // A window side that bounds nothing for any query i in [0, Sq) and key j in
@@ -106,9 +112,13 @@ SELFATTN_HD int64_t key_row(const AttnParams& p, const BSHD& t, int64_t b, int64
 // and the kernels' index arithmetic (i + diag_offset +- window, j -
 // diag_offset +- window) then stays within Sq + Sk + |diag_offset|, far from
 // int64 overflow for |diag_offset| <= 2^62 and windows up to 2^63 - 1.
+// With diag_per_batch the offsets lie in [-Sq, Sk - Sq]: the largest bounds
+// the left side, the smallest the right.
 inline void normalize_window(AttnParams& p) {
-  if (p.window_left >= p.Sq + p.diag_offset) p.window_left = -1;  // j >= i + off - left: always
-  if (p.window_right >= p.Sk - p.diag_offset) p.window_right = -1;  // j <= i + off + right: always
+  const int64_t off_max = p.diag_per_batch ? p.Sk - p.Sq : p.diag_offset;
+  const int64_t off_min = p.diag_per_batch ? -p.Sq : p.diag_offset;
+  if (p.window_left >= p.Sq + off_max) p.window_left = -1;  // j >= i + off - left: always
+  if (p.window_right >= p.Sk - off_min) p.window_right = -1;  // j <= i + off + right: always
 }
 
 struct AttnBwdParams : AttnParams {

@@ -1244,6 +1244,7 @@ void probs_kernel(const AttnParams& p, S* probs, bool compute_lse) {
 // Backend entry points.
 
 void forward_cpu(const AttnParams& p, at::ScalarType dtype) {
+  TORCH_CHECK(!p.diag_per_batch, "selfattn: the CPU kernels align one diagonal per call");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "selfattn_forward_cpu",
                                   [&] { forward_kernel<scalar_t>(p); });
 }

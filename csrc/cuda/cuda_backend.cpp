@@ -222,7 +222,7 @@ void probs(const AttnParams& p0, void* out, bool compute_lse, at::ScalarType dty
   run_probs(p, out, to_dtype(dtype), stream);
 }
 
-const Backend kCudaBackend{forward, backward, probs};
+const Backend kCudaBackend{forward, backward, probs, true};
 
 }  // namespace
 }  // namespace cuda

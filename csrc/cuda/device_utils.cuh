@@ -99,11 +99,13 @@ struct Visibility {
   }
 };
 
-// key_lengths values are not checked on CUDA: clamp them to [0, Sk].
+// key_lengths values are not checked on CUDA: clamp them to [0, Sk]. With
+// diag_per_batch, batch entry b is aligned bottom-right to its key length.
 __device__ __forceinline__ Visibility make_visibility(const AttnParams& p, int64_t b) {
   int64_t kv_len = p.Sk;
   if (p.key_lengths != nullptr) kv_len = min(max(p.key_lengths[b], int64_t(0)), p.Sk);
-  return Visibility{p.diag_offset, p.window_left, p.window_right, kv_len};
+  const int64_t off = p.diag_per_batch ? kv_len - p.Sq : p.diag_offset;
+  return Visibility{off, p.window_left, p.window_right, kv_len};
 }
 
 // Blocks [blo, bhi) of `blk` positions that cover [lo, hi).

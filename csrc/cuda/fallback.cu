@@ -80,7 +80,7 @@ __device__ __forceinline__ acc_t score(const AttnParams& p, const Visibility& vi
                                        acc_t* dtanh) {
   if (!vis(i, j)) return neg_inf<acc_t>();
   acc_t s = dot<T, acc_t>(s_row, g_row, p.D) * acc_t(p.scale);
-  if (mods.any()) s = mods.apply(s, acc_t(i + p.diag_offset - j), dtanh);
+  if (mods.any()) s = mods.apply(s, acc_t(i + vis.off - j), dtanh);
   if (p.mask.kind != MaskKind::None &&
       !apply_attn_mask<T, acc_t>(p.mask, mask_base, i, j, acc_t(1), s)) {
     return neg_inf<acc_t>();

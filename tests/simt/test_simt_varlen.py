@@ -119,10 +119,13 @@ def test_emulated_paged_varlen_matches_reference(simt, case):
 
 
 KVCACHE = [
-    # name, dtype, cache lengths before the step, n (queries), n_new, page size (None: contiguous)
-    ("f16_decode", torch.float16, [0, 70, 127], 1, 1, None),
-    ("bf16_chunk_pages64", torch.bfloat16, [60, 3], 5, 5, 64),
-    ("f32_pages5", torch.float32, [11, 0], 2, 2, 5),
+    # name, dtype, cache lengths before the step, n (queries), n_new, page size (None:
+    # contiguous), window left side (None: unbounded; causal either way)
+    ("f16_decode", torch.float16, [0, 70, 127], 1, 1, None, None),
+    ("bf16_chunk_pages64", torch.bfloat16, [60, 3], 5, 5, 64, 30),
+    ("f32_pages5", torch.float32, [11, 0], 2, 2, 5, None),
+    ("f16_window_decode", torch.float16, [150, 3, 90], 1, 1, None, 10),
+    ("f32_window_pages5", torch.float32, [140, 0, 37], 3, 1, 5, 20),
 ]
 
 
@@ -130,8 +133,10 @@ KVCACHE = [
 def test_emulated_kvcache_step_matches_reference(simt, case):
     """torch.ops.selfattn_simt.kvcache_forward: the new rows land in the cache
     (contiguous or a shuffled pool of pages), then each sequence's queries
-    attend causally to its valid prefix through the CUDA kernels."""
-    name, dtype, lens, n, n_new, page_size = case
+    attend causally (and within a window) to its valid prefix through the
+    CUDA kernels, the whole batch in one forward launch (its diagonal and
+    window aligned to each sequence's own length)."""
+    name, dtype, lens, n, n_new, page_size, left = case
     B, Hq, Hkv, D, S_max = len(lens), 4, 2, 64, 160
     g = torch.Generator().manual_seed(2)
     q = torch.randn(B, n, Hq, D, generator=g).to(dtype)
@@ -150,9 +155,10 @@ def test_emulated_kvcache_step_matches_reference(simt, case):
         targets = [c.clone() for c in caches]
     scale = D ** -0.5
     simt.simt_take_log()
-    out, lse = simt.kvcache_forward(q, *targets, k, v, torch.tensor(lens), table, scale, -1, 0)
+    out, lse = simt.kvcache_forward(q, *targets, k, v, torch.tensor(lens), table, scale,
+                                    -1 if left is None else left, 0)
     log = simt.simt_take_log()
-    assert log, "no kernel launched"
+    assert sum("fwd_kernel" in k for k in log) == 1, log
     assert out.shape == (B, n, Hq, D) and lse.shape == (B, Hq, n)
     for b, s in enumerate(lens):
         for cache, new in zip(caches, (k, v)):
@@ -163,8 +169,9 @@ def test_emulated_kvcache_step_matches_reference(simt, case):
         else:
             assert torch.equal(targets[0][b], caches[0][b])
         kb, vb = (c[b:b + 1, :s + n_new] for c in caches)
+        window = None if left is None else (left, 0)
         golden, lowp = (reference.attention(q[b:b + 1].to(dt), kb.to(dt), vb.to(dt), causal=True,
-                                            scale=scale)
+                                            window=window, scale=scale)
                         for dt in (torch.float64, dtype))
         assert_close_to_golden(f"{name} seq {b}", out[b:b + 1], lowp, golden)
 

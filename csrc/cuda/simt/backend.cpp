@@ -130,7 +130,7 @@ std::vector<std::string> take_log() { return simt::take_log(); }
 }  // namespace
 
 const Backend& emulated(const Backend& inner) {
-  static const Backend wrapped{forward, backward, probs};
+  static const Backend wrapped{forward, backward, probs, inner.per_batch_diag};
   g_inner = &inner;
   return wrapped;
 }

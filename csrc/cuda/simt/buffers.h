@@ -62,6 +62,17 @@ inline simt::Buffer mask(const char* name, const MaskView& m, const AttnParams& 
   return b;
 }
 
+// The block table's rows of the batch, as far as the longest sequence's
+// pages (Sk keys); none without pages.
+inline simt::Buffer block_table(const AttnParams& p) {
+  simt::Buffer b = flat("block_table", p.pages, p.B, 4, false);
+  b.ndim = 2;
+  b.stride[0] = p.pages_batch;
+  b.size[1] = p.pages != nullptr ? (p.Sk + p.page_size - 1) / p.page_size : 0;
+  b.stride[1] = 1;
+  return b;
+}
+
 // What every kernel reads: q, k, v (or their pools of pages and the pages
 // of the sequence's keys), the mask, key lengths, ALiBi slopes, dropout state.
 inline std::vector<simt::Buffer> inputs(const AttnParams& p) {
@@ -72,8 +83,7 @@ inline std::vector<simt::Buffer> inputs(const AttnParams& p) {
       bshd("q", p.q, p.B, p.Sq, p.Hq, p.D, false),
       bshd("k", p.k, kv_b, kv_s, p.Hkv, p.D, false),
       bshd("v", p.v, kv_b, kv_s, p.Hkv, p.Dv, false),
-      flat("block_table row", p.pages, paged ? (p.Sk + p.page_size - 1) / p.page_size : 0, 4,
-           false),
+      block_table(p),
       flat("key_lengths", p.key_lengths, p.B, 8, false),
       flat("alibi_slopes", p.alibi_slopes, p.alibi_batch != 0 ? p.B * p.Hq : p.Hq, 4, false),
       flat("rng_state", p.rng_state, 2, 8, false),
