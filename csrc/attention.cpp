@@ -635,11 +635,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
     }
   }
   const std::optional<at::Tensor> none;
+  int64_t longest = 0;
+  for (const Sequence& s : seqs) longest = std::max(longest, s.k_len);
+  if (longest == 0) {  // no keys at all (a block table may have no column)
+    return {at::zeros({B, n, Hq, Dv}, q.options()),
+            at::full({B, Hq, n}, -std::numeric_limits<double>::infinity(),
+                     q.options().dtype(acc_dtype(q.scalar_type())))};
+  }
   if (backend.per_batch_diag && B > 1) {
     // One call for the batch: the keys past each sequence's length masked
     // (key_lengths), each aligned bottom-right to its own length.
-    int64_t longest = 0;
-    for (const Sequence& s : seqs) longest = std::max(longest, s.k_len);
     const std::optional<at::Tensor> lengths = (cache_seqlens.to(at::kLong) + n_new).contiguous();
     const OpArgs args{none, lengths,     none, scale, window_left, window_right, 0, 0.0, none,
                       0.0,  0,           0,    num_splits, true};

@@ -56,7 +56,8 @@ struct AttnParams {
   // Score modifiers, applied to the scaled score s of query i and key j in
   // this order, before the attn_mask and the visibility: soft-capping
   // s -> softcap * tanh(s / softcap) (0 = off), then the ALiBi bias
-  // -slope * |i + diag_offset - j| with slope = alibi_slopes[b * alibi_batch + h]
+  // -slope * |i + off - j| (off the diagonal offset of batch entry b) with
+  // slope = alibi_slopes[b * alibi_batch + h]
   // (float32, contiguous (Hq,) or (B, Hq); null = off).
   double softcap = 0.0;
   const float* alibi_slopes = nullptr;

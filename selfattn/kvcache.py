@@ -9,8 +9,10 @@ Query i of sequence b sits at position cache_seqlens[b] + i: causal and
 windows are aligned bottom-right per sequence. Both happen in one op
 (torch.ops.selfattn.kvcache_forward, csrc/attention.cpp): the arguments are
 checked here, before anything is written, and the op copies the new rows and
-runs the fused forward per sequence, on the cache's valid prefix or on the
-pool through the block table, whose pages the kernels read in place.
+runs the fused forward (on CUDA one call for the batch, each sequence aligned
+to its own length; on the CPU per sequence, side by side), on the cache's
+valid prefix or on the pool through the block table, whose pages the kernels
+read in place.
 """
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ __device__ __forceinline__ void block_range(int64_t lo, int64_t hi, int blk, int
 
 // ---------------------------------------------------------------------------
 // Score modifiers (params.h) of one (b, h): the scaled score s of query i and
-// key j becomes softcap * tanh(s / softcap) - slope * |i + diag_offset - j|,
+// key j becomes softcap * tanh(s / softcap) - slope * |i + off - j| (off:
+// Visibility::off, the batch entry's diagonal offset),
 // before the attn_mask. softcap 0 is off; without ALiBi slopes the slope is 0,
 // which adds nothing.
 
@@ -130,7 +131,7 @@ template <typename acc_t> struct Modifiers {
   acc_t softcap, inv_softcap, slope;
 
   __device__ __forceinline__ bool any() const { return softcap != acc_t(0) || slope != acc_t(0); }
-  // s modified; dist = i + diag_offset - j. With soft-capping, *dtanh (when
+  // s modified; dist = i + off - j. With soft-capping, *dtanh (when
   // dtanh is not null) receives its derivative 1 - tanh², the backward's
   // factor of dS.
   __device__ __forceinline__ acc_t apply(acc_t s, acc_t dist, acc_t* dtanh) const {
@@ -449,7 +450,7 @@ __device__ __forceinline__ ScoreCtx make_score_ctx(const AttnParams& p, const Vi
 
 // Calls f(nt, e, i, j, dist) for each element e of each n-tile nt of a
 // warp's fragment whose rows start at r0 and columns at c0: i and j are its
-// query and key, dist = i + diag_offset - j as float (exact below 2^24).
+// query and key, dist = i + off - j as float (exact below 2^24).
 template <bool kRowsAreQueries, int kNT, typename F>
 __device__ __forceinline__ void for_each_score(const ScoreCtx& c, int64_t r0, int64_t c0,
                                                int lane, F&& f) {

@@ -44,7 +44,7 @@ from selfattn import reference
 from selfattn._args import attention_args
 from selfattn.testing import ATOL_FLOOR, assert_close_to_golden, max_err
 
-from conftest import SM75, SM80, SM86, configure
+from conftest import SM75, SM80, SM86, check_lse, configure
 
 pytestmark = pytest.mark.simt
 
@@ -257,12 +257,6 @@ def assert_close_with_residue(name, actual, lowp_ref, golden, residue):
     err = max_err(actual, golden)
     assert err <= bound, \
         f"{name}: error {err:.3e} > bound {bound:.3e} (delta residue {residue:.3e})"
-
-
-def check_lse(lse, lse_lp, lse_64):
-    dead = torch.isneginf(lse_64)
-    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on rows that see no key"
-    assert_close_to_golden("lse", lse[~dead], lse_lp[~dead].to(lse.dtype), lse_64[~dead])
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import configure
+from conftest import check_lse, configure
 
 from selfattn import reference
 from selfattn.testing import assert_close_to_golden
@@ -120,23 +120,27 @@ def test_emulated_paged_varlen_matches_reference(simt, case):
 
 KVCACHE = [
     # name, dtype, cache lengths before the step, n (queries), n_new, page size (None:
-    # contiguous), window left side (None: unbounded; causal either way)
-    ("f16_decode", torch.float16, [0, 70, 127], 1, 1, None, None),
-    ("bf16_chunk_pages64", torch.bfloat16, [60, 3], 5, 5, 64, 30),
-    ("f32_pages5", torch.float32, [11, 0], 2, 2, 5, None),
-    ("f16_window_decode", torch.float16, [150, 3, 90], 1, 1, None, 10),
-    ("f32_window_pages5", torch.float32, [140, 0, 37], 3, 1, 5, 20),
+    # contiguous), window (left, right), -1 unbounded: (-1, 0) is causal
+    ("f16_decode", torch.float16, [0, 70, 127], 1, 1, None, (-1, 0)),
+    ("bf16_chunk_pages64", torch.bfloat16, [60, 3], 5, 5, 64, (30, 0)),
+    ("f32_pages5", torch.float32, [11, 0], 2, 2, 5, (-1, 0)),
+    ("f16_window_decode", torch.float16, [150, 3, 90], 1, 1, None, (10, 0)),
+    ("f32_window_pages5", torch.float32, [140, 0, 37], 3, 1, 5, (20, 0)),
+    ("f16_no_append_empty_pages64", torch.float16, [0, 100, 70], 4, 0, 64, (10, 3)),
+    ("f32_no_append_two_sided", torch.float32, [0, 90], 3, 0, None, (4, 2)),
 ]
 
 
 @pytest.mark.parametrize("case", KVCACHE, ids=[c[0] for c in KVCACHE])
 def test_emulated_kvcache_step_matches_reference(simt, case):
     """torch.ops.selfattn_simt.kvcache_forward: the new rows land in the cache
-    (contiguous or a shuffled pool of pages), then each sequence's queries
-    attend causally (and within a window) to its valid prefix through the
-    CUDA kernels, the whole batch in one forward launch (its diagonal and
-    window aligned to each sequence's own length)."""
-    name, dtype, lens, n, n_new, page_size, left = case
+    (contiguous or a shuffled pool of pages; table entries past a sequence's
+    pages are -1, which no kernel may read), then each sequence's queries
+    attend causally or within a window to its valid prefix through the CUDA
+    kernels, the whole batch in one forward launch (its diagonal and window
+    aligned to each sequence's own length): out and lse against the float64
+    reference, rows that see no key 0 and -inf."""
+    name, dtype, lens, n, n_new, page_size, window = case
     B, Hq, Hkv, D, S_max = len(lens), 4, 2, 64, 160
     g = torch.Generator().manual_seed(2)
     q = torch.randn(B, n, Hq, D, generator=g).to(dtype)
@@ -151,29 +155,32 @@ def test_emulated_kvcache_step_matches_reference(simt, case):
             pool[table.flatten().long()] = torch.nn.functional.pad(
                 cache, (0, 0, 0, 0, 0, per * page_size - S_max)).view(B * per, page_size, Hkv, D)
         targets = pools
+        for b, s in enumerate(lens):
+            table[b, -(-(s + n_new) // page_size):] = -1
     else:
         targets = [c.clone() for c in caches]
     scale = D ** -0.5
     simt.simt_take_log()
     out, lse = simt.kvcache_forward(q, *targets, k, v, torch.tensor(lens), table, scale,
-                                    -1 if left is None else left, 0)
+                                    *window)
     log = simt.simt_take_log()
     assert sum("fwd_kernel" in k for k in log) == 1, log
     assert out.shape == (B, n, Hq, D) and lse.shape == (B, Hq, n)
     for b, s in enumerate(lens):
-        for cache, new in zip(caches, (k, v)):
+        for cache, new in zip(caches, (k, v) if n_new else ()):
             cache[b, s:s + n_new] = new[b]
-        if page_size is not None:  # the pool's rows of this sequence, in order
+        if page_size is None:
+            assert torch.equal(targets[0][b], caches[0][b])
+        elif s + n_new:  # the pool's rows of this sequence, in order
             rows = [targets[0][table[b, j // page_size], j % page_size] for j in range(s + n_new)]
             assert torch.equal(torch.stack(rows), caches[0][b, :s + n_new])
-        else:
-            assert torch.equal(targets[0][b], caches[0][b])
         kb, vb = (c[b:b + 1, :s + n_new] for c in caches)
-        window = None if left is None else (left, 0)
-        golden, lowp = (reference.attention(q[b:b + 1].to(dt), kb.to(dt), vb.to(dt), causal=True,
-                                            window=window, scale=scale)
-                        for dt in (torch.float64, dtype))
+        (golden, golden_lse), (lowp, lowp_lse) = (
+            reference.attention(q[b:b + 1].to(dt), kb.to(dt), vb.to(dt), window=window,
+                                scale=scale, return_lse=True)
+            for dt in (torch.float64, dtype))
         assert_close_to_golden(f"{name} seq {b}", out[b:b + 1], lowp, golden)
+        check_lse(lse[b:b + 1], lowp_lse, golden_lse)
 
 
 def test_emulated_kvcache_num_splits_sets_the_split_count(simt):
