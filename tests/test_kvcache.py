@@ -389,3 +389,16 @@ def test_num_splits_sets_the_split_count():
                                         causal_alignment="bottom_right")
                     for dt in (torch.float64, F32))
     assert_close_to_golden("num_splits=4", results[1, 4][0], lowp, golden)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_a_step_with_no_key_gives_zeros(paged):
+    """Every sequence empty and nothing appended (a block table of no column
+    when paged): out 0 and lse -inf, as for rows that see no key."""
+    q, kc, vc, _, _ = _setup(B=2, n=3)
+    table = torch.empty(2, 0, dtype=torch.int32) if paged else None
+    with torch.no_grad():
+        out, lse = selfattn.attention_with_kvcache(q, kc, vc, cache_seqlens=0, block_table=table,
+                                                   return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert lse.shape == (2, 4, 3) and bool(torch.isneginf(lse).all())
