@@ -474,6 +474,13 @@ void for_each_sequence(const at::Tensor& q, const std::vector<int64_t>& work, F 
   });
 }
 
+// Work per sequence for for_each_sequence: query rows x keys.
+std::vector<int64_t> work_of(const std::vector<Sequence>& seqs) {
+  std::vector<int64_t> work;
+  for (const Sequence& s : seqs) work.push_back(s.q_len * s.k_len);
+  return work;
+}
+
 OpArgs sequence_args(const Sequence& s, const std::optional<at::Tensor>& none,
                      const std::optional<at::Tensor>& rng_state, double scale, int64_t wl,
                      int64_t wr, double dropout_p, int64_t num_splits = 0) {
@@ -503,9 +510,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
   auto lse = at::full({Hq, Tq}, -std::numeric_limits<double>::infinity(),
                       q.options().dtype(acc_dtype(q.scalar_type())));
   const std::optional<at::Tensor> none;
-  std::vector<int64_t> work;
-  for (const Sequence& s : seqs) work.push_back(s.q_len * s.k_len);
-  for_each_sequence(q, work, [&](int64_t b) {
+  for_each_sequence(q, work_of(seqs), [&](int64_t b) {
     const Sequence& s = seqs[b];
     if (s.q_len == 0) return;
     const OpArgs args =
@@ -539,9 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
   auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
   const std::optional<at::Tensor> none;
-  std::vector<int64_t> work;
-  for (const Sequence& s : seqs) work.push_back(s.q_len * s.k_len);
-  for_each_sequence(q, work, [&](int64_t b) {
+  for_each_sequence(q, work_of(seqs), [&](int64_t b) {
     const Sequence& s = seqs[b];
     if (s.q_len == 0 || s.k_len == 0) return;
     auto grads = backward_op(backend, rows(dout, s.q0, s.q_len), rows(q, s.q0, s.q_len),
@@ -646,8 +649,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
     // One call for the batch: the keys past each sequence's length masked
     // (key_lengths), each aligned bottom-right to its own length.
     const std::optional<at::Tensor> lengths = (cache_seqlens.to(at::kLong) + n_new).contiguous();
-    const OpArgs args{none, lengths,     none, scale, window_left, window_right, 0, 0.0, none,
-                      0.0,  0,           0,    num_splits, true};
+    const OpArgs args{none, lengths, none, scale, window_left, window_right, 0, 0.0, none, 0.0,
+                      0,    0,       num_splits, true};
     if (paged) {
       return forward_op(backend, q, k_cache, v_cache, args,
                         PagedKeys{block_table->data_ptr<int32_t>(), longest,
@@ -672,9 +675,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
   if (B == 1) return attend(0);
   auto out = at::empty({B, n, Hq, Dv}, q.options());
   auto lse = at::empty({B, Hq, n}, q.options().dtype(acc_dtype(q.scalar_type())));
-  std::vector<int64_t> work;
-  for (const Sequence& s : seqs) work.push_back(n * s.k_len);
-  for_each_sequence(q, work, [&](int64_t b) {
+  for_each_sequence(q, work_of(seqs), [&](int64_t b) {
     auto [o, l] = attend(b);
     out.narrow(0, b, 1).copy_(o);
     lse.narrow(0, b, 1).copy_(l);

@@ -18,8 +18,8 @@
 // and dQᵀ per head (or per chunk of tasks when key blocks are split:
 // parallel_chunks); with a soft-cap, dS carries its derivative 1 - tanh² (kept
 // per tile). Deterministic for a given thread count, also when run inline in
-// another parallel region (varlen's short sequences side by side). Probs: one task per query block, computing lse
-// first when it is not given.
+// another parallel region (varlen's short sequences side by side). Probs: one
+// task per query block, computing lse first when it is not given.
 //
 // Tiles are converted to the accumulation type (float, or double for float64)
 // and multiplied by `matmul`: for float, oneDNN's batch-reduce GEMM
@@ -980,9 +980,10 @@ void backward_kernel(const AttnBwdParams& p) {
   });
 
   // Tasks: one per (b, hkv) when that gives every thread work or the keys are
-  // one block, else one per (b, hkv, key block). A task visits the heads of its group in turn, and for
-  // each its key blocks (converted once per block) and, inside, the query tiles
-  // that see them (converted per tile, so nothing of size S is held). Every
+  // one block, else one per (b, hkv, key block). A task visits the heads of
+  // its group in turn, and for each its key blocks (converted once per block)
+  // and, inside, the query tiles that see them (converted per tile, so
+  // nothing of size S is held). Every
   // tile is computed transposed (keys as rows), so that no product needs a
   // transposed operand: Sᵀ = K (scale Q)ᵀ, dPᵀ = V dOᵀ, dV += (P∘Z)ᵀ dO,
   // dK += dSᵀ (scale Q), dQᵀ += Kᵀ dSᵀ (scaled at the end). dK, dV are summed
@@ -1002,7 +1003,8 @@ void backward_kernel(const AttnBwdParams& p) {
   const int64_t tasks_per_head = n_blocks / blocks_per_task;
   const int64_t task_keys = blocks_per_task * kBwdBlockN;
   const int64_t tasks = p.B * p.Hkv * tasks_per_head;
-  const int64_t chunks = chunk_count(tasks, grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group));
+  const int64_t grain = grain_for(task_keys * p.Sq * (p.D + p.Dv) * 2 * group);
+  const int64_t chunks = chunk_count(tasks, grain);
   const int64_t dq_size = p.B * p.Hq * p.D * p.Sq;
   std::vector<T> dqt_acc(split_keys ? chunks * dq_size : 0, T(0));
   S* dq = static_cast<S*>(p.dq.ptr);
