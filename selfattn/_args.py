@@ -189,6 +189,18 @@ def check_block_table(fn, block_table, rows, device, q_name):
                             f"{device}")
 
 
+def call_op(fn, op, *args):
+    """op(*args), a ValueError of the op's own checks of values only it reads
+    (a KV cache's lengths, a block table's pages, all checked before it writes
+    anything) raised as ArgumentError from `fn`."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    try:
+        return op(*args)
+    except ValueError as e:
+        raise ArgumentError(f"{fn}: {str(e).removeprefix('selfattn: ')}") from None
+
+
 def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
                    key_lengths, dropout_p, names=("q", "k", "v"), alibi_slopes=None,
                    softcap=0.0) -> AttnArgs:

@@ -7,12 +7,14 @@ sequence's current length (no copy of the cache, unlike a cache grown by
 concatenation), then the new queries attend to the cache's valid prefix.
 Query i of sequence b sits at position cache_seqlens[b] + i: causal and
 windows are aligned bottom-right per sequence. Both happen in one op
-(torch.ops.selfattn.kvcache_forward, csrc/attention.cpp): the arguments are
-checked here, before anything is written, and the op copies the new rows and
-runs the fused forward (on CUDA one call for the batch, each sequence aligned
-to its own length; on the CPU per sequence, side by side), on the cache's
-valid prefix or on the pool through the block table, whose pages the kernels
-read in place.
+(torch.ops.selfattn.kvcache_forward, csrc/attention.cpp), which copies the
+new rows and runs the fused forward (on CUDA one call for the batch, each
+sequence aligned to its own length; on the CPU per sequence, side by side),
+on the cache's valid prefix or on the pool through the block table, whose
+pages the kernels read in place. Nothing is written before every argument is
+checked: here, or, for the lengths and pages (values of cache_seqlens and
+block_table), by the op alone, whose ValueError is raised here as
+ArgumentError.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numbers
 import torch
 
 from . import ops
-from ._args import _tensor, attention_args, check_block_table, non_negative_int
+from ._args import _tensor, attention_args, call_op, check_block_table, non_negative_int
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous
 
@@ -42,37 +44,6 @@ def _seqlens(cache_seqlens, B, device):
         raise ArgumentError(f"{FN}: cache_seqlens is on {cache_seqlens.device}, but q is on "
                             f"{device}")
     return cache_seqlens
-
-
-def _check_lengths(seqlens, n_new, k_cache, block_table):
-    """Before any write: the new rows fit in the cache, and with a block table
-    each sequence's pages up to its new length exist and lie in the pool."""
-    lens = seqlens.tolist()
-    total = [s + n_new for s in lens]
-    if lens and min(lens) < 0:
-        raise ArgumentError(f"{FN}: cache_seqlens must be >= 0, got {lens}")
-    if block_table is not None:
-        _check_pages(block_table, total, k_cache.shape[1], k_cache.shape[0])
-    elif total and max(total) > k_cache.shape[1]:
-        raise ArgumentError(f"{FN}: cache_seqlens + n_new must lie in [0, S_max = "
-                            f"{k_cache.shape[1]}], got cache_seqlens {lens} and n_new {n_new}")
-
-
-def _check_pages(block_table, total, page_size, num_pages):
-    """A negative page index would wrap to another page."""
-    max_pages = block_table.shape[1]
-    needed = [(t + page_size - 1) // page_size for t in total]
-    if total and max(needed) > max_pages:
-        raise ArgumentError(f"{FN}: cache_seqlens + n_new = {total} needs up to "
-                            f"{max(needed)} pages of {page_size}, but block_table has "
-                            f"{max_pages} per sequence")
-    needed = torch.tensor(needed, device=block_table.device)
-    used = torch.arange(max_pages, device=block_table.device) < needed.unsqueeze(1)
-    bad = used & ((block_table < 0) | (block_table >= num_pages))
-    if bool(bad.any()):
-        b, i = (int(x) for x in bad.nonzero()[0])
-        raise ArgumentError(f"{FN}: block_table[{b}, {i}] = {int(block_table[b, i])} is not a "
-                            f"page of the pool ({num_pages} pages)")
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
@@ -145,9 +116,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             if t.shape != (B, n_new) + tuple(cache.shape[2:]):
                 raise ArgumentError(f"{FN}: k and v must be (B, n_new, Hkv, D|Dv) like the "
                                     f"caches, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if not torch.compiler.is_compiling():  # compiled, the op checks them (RuntimeError)
-        _check_lengths(seqlens, n_new, k_cache, block_table)
-    out, lse = ops.kvcache_forward_op(_last_dim_contiguous(q), k_cache, v_cache, k, v, seqlens,
-                                      block_table, a.scale, a.window_left, a.window_right,
-                                      num_splits)
+    # the op checks the lengths and pages before it writes anything
+    out, lse = call_op(FN, ops.kvcache_forward_op, _last_dim_contiguous(q), k_cache, v_cache, k,
+                       v, seqlens, block_table, a.scale, a.window_left, a.window_right,
+                       num_splits)
     return (out, lse) if return_lse else out

@@ -34,7 +34,8 @@ Arguments selfattn does not take go to torch's own kernel, fetched before the
 override: on CPU dropout (this backward could not regenerate the mask without
 an rng state), on CUDA packed variable-length batches (cum_seq_q/cum_seq_k),
 paged KV (block_table), ALiBi slopes and seqused_k (the backward op of
-torch's schema does not receive them), return_debug_mask; on both head dims
+torch's schema does not receive them), return_debug_mask, a num_splits other
+than None or 0 (selfattn's attention op chooses its own split-KV); on both head dims
 above 512 and non-floating dtypes. A row that sees no key gives 0 in both.
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _op_args(query, attn_mask, is_causal, scale):
 # ops to run (selfattn's, or the emulated backend's in tests/simt).
 
 def cuda_refusal(query, key, value, cum_seq_q=None, cum_seq_k=None, return_debug_mask=False,
-                 seqused_k=None, alibi_slopes=None, block_table=None):
+                 seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None):
     """Why selfattn's kernels do not take these arguments of torch's CUDA
     flash ops, or None when they do."""
     if cum_seq_q is not None or cum_seq_k is not None:
@@ -138,6 +139,8 @@ def cuda_refusal(query, key, value, cum_seq_q=None, cum_seq_k=None, return_debug
         return "a paged KV cache (block_table)"
     if alibi_slopes is not None or seqused_k is not None:
         return "alibi_slopes or seqused_k (the backward op does not receive them)"
+    if num_splits:
+        return "num_splits (selfattn's attention op chooses its own split-KV)"
     if return_debug_mask:
         return "return_debug_mask=True"
     return _refusal(query, key, value, 0.0)
@@ -248,7 +251,7 @@ class _Handle:
                     window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
                     num_splits=None):
             reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k, return_debug_mask,
-                                  seqused_k, alibi_slopes, block_table)
+                                  seqused_k, alibi_slopes, block_table, num_splits)
             if reason is not None:
                 return _torch_or_refuse(torch_fwd, reason).call_boxed(
                     keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,

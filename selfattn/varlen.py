@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._args import attention_args, check_block_table, non_negative_int
+from ._args import attention_args, call_op, check_block_table, non_negative_int
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous, rng_state
 
@@ -144,10 +144,10 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     if seqused_k is not None:
         seqused_k = _offsets("seqused_k", seqused_k, query.device, "N lengths")
     rng = rng_state(a.dropout_p, query.device, generator)
-    out, lse = ops.varlen_forward_op(
-        _last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
-        cu_seq_q, cu_seq_k, seqused_k, rng, a.scale, a.window_left, a.window_right, a.dropout_p,
-        block_table, num_splits)
+    out, lse = call_op(
+        FN, ops.varlen_forward_op, _last_dim_contiguous(query), _last_dim_contiguous(key),
+        _last_dim_contiguous(value), cu_seq_q, cu_seq_k, seqused_k, rng, a.scale, a.window_left,
+        a.window_right, a.dropout_p, block_table, num_splits)
     if return_lse or (return_aux is not None and getattr(return_aux, "lse", False)):
         return out, lse
     return out

@@ -13,6 +13,7 @@ import torch
 
 import selfattn
 from selfattn import reference
+from selfattn.errors import ArgumentError
 from selfattn.testing import assert_close_to_golden
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -74,7 +75,7 @@ def test_decode_loop_equals_attention_on_the_whole():
 def test_bad_input_is_refused():
     q, kc, vc, k, v = _setup()
     cases = [
-        (dict(cache_seqlens=torch.tensor([0, 63, 64])), ValueError, "S_max = 64"),
+        (dict(cache_seqlens=torch.tensor([0, 63, 64])), ArgumentError, "S_max = 64"),
         (dict(cache_seqlens=torch.tensor([0, 1])), TypeError, "cache_seqlens must be"),
         (dict(cache_seqlens=0, v=None), ValueError, "both k and v"),
         (dict(cache_seqlens=0, k=k.double()), TypeError, "k must be a torch.float32 tensor"),
@@ -108,22 +109,24 @@ def test_cache_of_any_strides_is_written_in_place():
 
 def test_op_checks_before_writing():
     """torch.ops.selfattn.kvcache_forward called directly refuses lengths past
-    the cache and a bad block table before it writes anything."""
+    the cache and a bad block table before it writes anything: a ValueError
+    (what attention_with_kvcache raises as ArgumentError), other arguments a
+    RuntimeError."""
     q, kc, vc, k, v = _setup()
     op = torch.ops.selfattn.kvcache_forward.default
     before = kc.clone()
-    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new = 64 \+ 1"):
+    with pytest.raises(ValueError, match=r"cache_seqlens\[2\] \+ n_new = 64 \+ 1"):
         op(q, kc, vc, k, v, torch.tensor([0, 1, 64]), None, 0.25, -1, 0)
     kp, table = _paged(kc, 8)
     vp, _ = _paged(vc, 8)
     pool, far = kp.clone(), table.clone()
     far[0, 0] = kp.shape[0]
-    with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = 27 is not a page"):
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = 27 is not a page"):
         op(q, kp, vp, k, v, torch.tensor([3, 1, 2]), far, 0.25, -1, 0)
-    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new = 32 \+ 1 must lie in "
+    with pytest.raises(ValueError, match=r"cache_seqlens\[2\] \+ n_new = 32 \+ 1 must lie in "
                        r"\[0, pages x page_size = 32\]"):
         op(q, kp, vp, k, v, torch.tensor([3, 1, 32]), table[:, :4], 0.25, -1, 0)
-    with pytest.raises(RuntimeError, match="cache_seqlens"):  # no int64 overflow past the checks
+    with pytest.raises(ValueError, match="cache_seqlens"):  # no int64 overflow past the checks
         op(q, kp, vp, k, v, torch.tensor([3, 1, 2 ** 63 - 1]), table, 0.25, -1, 0)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         op(q, kc, vc, k, v, torch.tensor([3, 1, 2]), None, float("nan"), -1, 0)
@@ -259,9 +262,10 @@ def test_bad_paged_input_is_refused():
     negative = table.clone()
     negative[2, 3] = -1
     cases = [
-        (dict(cache_seqlens=32), ValueError, "needs up to 5 pages of 8"),
-        (dict(cache_seqlens=3, block_table=far), ValueError, r"block_table\[1, 0\] = 15"),
-        (dict(cache_seqlens=torch.tensor([0, 0, 24]), block_table=negative), ValueError,
+        (dict(cache_seqlens=32), ArgumentError, r"\+ n_new = 32 \+ 1 must lie in \[0, pages x "
+         r"page_size = 32\]"),
+        (dict(cache_seqlens=3, block_table=far), ArgumentError, r"block_table\[1, 0\] = 15"),
+        (dict(cache_seqlens=torch.tensor([0, 0, 24]), block_table=negative), ArgumentError,
          r"block_table\[2, 3\] = -1"),
         (dict(cache_seqlens=0, block_table=table.long()), TypeError, "int32"),
         (dict(cache_seqlens=0, block_table=table[:2]), TypeError, r"shape \(3, max_pages\)"),

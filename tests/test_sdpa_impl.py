@@ -196,12 +196,14 @@ def test_cuda_flash_ops_overridden_and_restored():
 def test_cuda_refusals_name_the_argument():
     q = torch.empty(1, 4, 2, 16, dtype=torch.float16)
     assert selfattn.sdpa.cuda_refusal(q, q, q) is None
+    assert selfattn.sdpa.cuda_refusal(q, q, q, num_splits=0) is None  # torch's "choose"
     offsets = torch.tensor([0, 4], dtype=torch.int32)
     for kw, words in ((dict(cum_seq_q=offsets, cum_seq_k=offsets), "cum_seq_q"),
                       (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
                       (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
                       (dict(seqused_k=torch.tensor([3], dtype=torch.int32)), "seqused_k"),
-                      (dict(return_debug_mask=True), "return_debug_mask")):
+                      (dict(return_debug_mask=True), "return_debug_mask"),
+                      (dict(num_splits=1), "num_splits")):
         assert words in selfattn.sdpa.cuda_refusal(q, q, q, **kw)
     wide = torch.empty(1, 4, 2, 600, dtype=torch.float16)
     assert "head dims" in selfattn.sdpa.cuda_refusal(wide, wide, wide)

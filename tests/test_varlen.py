@@ -20,6 +20,7 @@ import torch
 
 import selfattn
 from selfattn import ops, reference
+from selfattn.errors import ArgumentError
 from selfattn.testing import assert_close_to_golden
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -251,13 +252,13 @@ def test_bad_input_names_the_argument():
         return selfattn.varlen_attention(**args)
 
     cases = [
-        (dict(cu_seq_q=torch.tensor([1, 4, 8])), RuntimeError, "cu_seq_q must start at 0"),
-        (dict(cu_seq_q=torch.tensor([0, 5, 4])), RuntimeError, "cu_seq_q must not decrease"),
-        (dict(cu_seq_k=torch.tensor([0, 4, 7])), RuntimeError, "cu_seq_k must end at"),
-        (dict(cu_seq_k=torch.tensor([0, 8])), RuntimeError, "one number of sequences"),
+        (dict(cu_seq_q=torch.tensor([1, 4, 8])), ArgumentError, "cu_seq_q must start at 0"),
+        (dict(cu_seq_q=torch.tensor([0, 5, 4])), ArgumentError, "cu_seq_q must not decrease"),
+        (dict(cu_seq_k=torch.tensor([0, 4, 7])), ArgumentError, "cu_seq_k must end at"),
+        (dict(cu_seq_k=torch.tensor([0, 8])), ArgumentError, "one number of sequences"),
         (dict(cu_seq_q=cu.float()), ValueError, "cu_seq_q must be a 1-D int32"),
-        (dict(seqused_k=torch.tensor([5, 1])), RuntimeError, r"seqused_k\[0\] = 5"),
-        (dict(seqused_k=torch.tensor([1])), RuntimeError, "seqused_k must be a 1-D"),
+        (dict(seqused_k=torch.tensor([5, 1])), ArgumentError, r"seqused_k\[0\] = 5"),
+        (dict(seqused_k=torch.tensor([1])), ArgumentError, "seqused_k must be a 1-D"),
         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "block_table"),
         (dict(cu_seq_k=None), ValueError, "cu_seq_k is required"),
         (dict(enable_gqa=False), ValueError, "enable_gqa=True"),
@@ -415,9 +416,9 @@ def test_bad_paged_input_names_the_argument():
         (dict(seqused_k=None), ValueError, "needs seqused_k"),
         (dict(key=k), ValueError, "key must be 4-D"),
         (dict(block_table=table.long()), TypeError, "block_table must be an int32"),
-        (dict(block_table=far), RuntimeError, r"block_table\[1, 2\] = 7 is not a page"),
-        (dict(block_table=short), RuntimeError, "needs 3 pages of 8"),
-        (dict(seqused_k=torch.tensor([10, -1])), RuntimeError, r"seqused_k\[1\] = -1"),
+        (dict(block_table=far), ArgumentError, r"block_table\[1, 2\] = 7 is not a page"),
+        (dict(block_table=short), ArgumentError, "needs 3 pages of 8"),
+        (dict(seqused_k=torch.tensor([10, -1])), ArgumentError, r"seqused_k\[1\] = -1"),
         (dict(value=vp[:, :4]), ValueError, "pools of one number"),
         (dict(dropout_p=0.1), ValueError, "dropout_p must be 0"),
     ]
