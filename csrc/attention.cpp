@@ -338,10 +338,6 @@ struct Sequence {
   int64_t q0, q_len, k0, k_len;
 };
 
-// The offsets in `cu`, read on the host. The checks of what offset, length
-// and page tensors hold (here, in sequences, check_block_table and
-// kvcache_forward_op) are TORCH_CHECK_VALUE: a ValueError in Python, which the
-// wrappers raise as ArgumentError (selfattn/_args.py, call_op).
 std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t total) {
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 &&
                   (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
@@ -349,13 +345,13 @@ std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t tot
               cu.scalar_type(), " of shape ", cu.sizes());
   const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();
   std::vector<int64_t> v(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  TORCH_CHECK_VALUE(v.front() == 0, "selfattn: ", name, " must start at 0, got ", v.front());
+  TORCH_CHECK(v.front() == 0, "selfattn: ", name, " must start at 0, got ", v.front());
   for (size_t i = 1; i < v.size(); ++i) {
-    TORCH_CHECK_VALUE(v[i] >= v[i - 1], "selfattn: ", name, " must not decrease, got ",
-                      v[i - 1], " then ", v[i], " at ", i);
+    TORCH_CHECK(v[i] >= v[i - 1], "selfattn: ", name, " must not decrease, got ", v[i - 1],
+                " then ", v[i], " at ", i);
   }
-  TORCH_CHECK_VALUE(v.back() == total, "selfattn: ", name, " must end at the packed length ",
-                    total, ", got ", v.back());
+  TORCH_CHECK(v.back() == total, "selfattn: ", name, " must end at the packed length ", total,
+              ", got ", v.back());
   return v;
 }
 
@@ -371,22 +367,22 @@ std::vector<Sequence> sequences(const at::Tensor& q, const at::Tensor& k,
   const int64_t n = int64_t(oq.size()) - 1;
   std::vector<int64_t> ok(n + 1, 0);
   if (paged) {
-    TORCH_CHECK_VALUE(cu_k.dim() == 1 && cu_k.size(0) == n + 1, "selfattn: cu_seq_k must have ",
-                      n + 1, " offsets like cu_seq_q, got shape ", cu_k.sizes());
+    TORCH_CHECK(cu_k.dim() == 1 && cu_k.size(0) == n + 1, "selfattn: cu_seq_k must have ",
+                n + 1, " offsets like cu_seq_q, got shape ", cu_k.sizes());
     TORCH_CHECK(seqused_k.has_value(), "selfattn: a block_table needs seqused_k (the key count "
                 "of each sequence)");
   } else {
     ok = offsets(cu_k, "cu_seq_k", k.size(0));
-    TORCH_CHECK_VALUE(oq.size() == ok.size(), "selfattn: cu_seq_q and cu_seq_k must describe "
-                      "one number of sequences, got ", oq.size() - 1, " and ", ok.size() - 1);
+    TORCH_CHECK(oq.size() == ok.size(), "selfattn: cu_seq_q and cu_seq_k must describe one "
+                "number of sequences, got ", oq.size() - 1, " and ", ok.size() - 1);
   }
   std::vector<int64_t> used;
   if (seqused_k.has_value()) {
     const at::Tensor& u = *seqused_k;
-    TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == n &&
-                          (u.scalar_type() == at::kInt || u.scalar_type() == at::kLong),
-                      "selfattn: seqused_k must be a 1-D int32 or int64 tensor of ", n,
-                      " lengths, got ", u.scalar_type(), " of shape ", u.sizes());
+    TORCH_CHECK(u.dim() == 1 && u.size(0) == n &&
+                    (u.scalar_type() == at::kInt || u.scalar_type() == at::kLong),
+                "selfattn: seqused_k must be a 1-D int32 or int64 tensor of ", n,
+                " lengths, got ", u.scalar_type(), " of shape ", u.sizes());
     const at::Tensor host = u.to(at::kCPU, at::kLong).contiguous();
     used.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + n);
   }
@@ -394,10 +390,9 @@ std::vector<Sequence> sequences(const at::Tensor& q, const at::Tensor& k,
   for (int64_t b = 0; b < n; ++b) {
     int64_t k_len = ok[b + 1] - ok[b];
     if (!used.empty()) {  // paged: the block table bounds the count (check_block_table)
-      TORCH_CHECK_VALUE(used[b] >= 0, "selfattn: seqused_k[", b, "] = ", used[b],
-                        " must be >= 0");
-      TORCH_CHECK_VALUE(paged || used[b] <= k_len, "selfattn: seqused_k[", b, "] = ", used[b],
-                        " must lie in [0, ", k_len, "], the sequence's keys");
+      TORCH_CHECK(used[b] >= 0, "selfattn: seqused_k[", b, "] = ", used[b], " must be >= 0");
+      TORCH_CHECK(paged || used[b] <= k_len, "selfattn: seqused_k[", b, "] = ", used[b],
+                  " must lie in [0, ", k_len, "], the sequence's keys");
       k_len = used[b];
     }
     seqs.push_back({oq[b], oq[b + 1] - oq[b], ok[b], k_len});
@@ -427,13 +422,13 @@ at::Tensor check_block_table(const at::Tensor& table, const at::Tensor& q, const
   const int64_t page_size = k.size(1), num_pages = k.size(0), max_pages = table.size(1);
   for (int64_t b = 0; b < n; ++b) {
     const int64_t needed = seqs[b].k_len / page_size + (seqs[b].k_len % page_size != 0);
-    TORCH_CHECK_VALUE(needed <= max_pages, "selfattn: sequence ", b, " has ", seqs[b].k_len,
-                      " keys (", lengths, "), which needs ", needed, " pages of ", page_size,
-                      " keys, but block_table has ", max_pages, " per sequence");
+    TORCH_CHECK(needed <= max_pages, "selfattn: sequence ", b, " has ", seqs[b].k_len,
+                " keys (", lengths, "), which needs ", needed, " pages of ", page_size,
+                " keys, but block_table has ", max_pages, " per sequence");
     const int32_t* row = host.data_ptr<int32_t>() + b * max_pages;
     for (int64_t i = 0; i < needed; ++i) {
-      TORCH_CHECK_VALUE(row[i] >= 0 && row[i] < num_pages, "selfattn: block_table[", b, ", ",
-                        i, "] = ", row[i], " is not a page of the pool (", num_pages, " pages)");
+      TORCH_CHECK(row[i] >= 0 && row[i] < num_pages, "selfattn: block_table[", b, ", ", i,
+                  "] = ", row[i], " is not a page of the pool (", num_pages, " pages)");
     }
   }
   return host;
@@ -620,9 +615,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward_op(
   std::vector<Sequence> seqs;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = lens.data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(len >= 0 && len <= cap - n_new, "selfattn: cache_seqlens[", b,
-                      "] + n_new = ", len, " + ", n_new, " must lie in [0, ",
-                      paged ? "pages x page_size" : "S_max", " = ", cap, "]");
+    TORCH_CHECK(len >= 0, "selfattn: cache_seqlens[", b, "] = ", len, " must be >= 0");
+    TORCH_CHECK(len <= cap - n_new, "selfattn: cache_seqlens[", b, "] + n_new = ",
+                len, " + ", n_new, " must lie in [0, ", paged ? "pages x page_size" : "S_max",
+                " = ", cap, "]");
     seqs.push_back({b * n, n, len, len + n_new});  // k0: where the new keys go
   }
   at::Tensor table;  // on the host

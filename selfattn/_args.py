@@ -190,15 +190,19 @@ def check_block_table(fn, block_table, rows, device, q_name):
 
 
 def call_op(fn, op, *args):
-    """op(*args), a ValueError of the op's own checks of values only it reads
-    (a KV cache's lengths, a block table's pages, all checked before it writes
-    anything) raised as ArgumentError from `fn`."""
+    """op(*args), the RuntimeError of the op's own argument checks (those of
+    values only it reads: packed offsets, KV cache lengths, block table pages;
+    all run before it writes anything) raised as ArgumentError from `fn`.
+    Compiled, the op's RuntimeError passes as it is."""
     if torch.compiler.is_compiling():
         return op(*args)
     try:
         return op(*args)
-    except ValueError as e:
-        raise ArgumentError(f"{fn}: {str(e).removeprefix('selfattn: ')}") from None
+    except RuntimeError as e:
+        message = str(e)
+        if not message.startswith("selfattn: "):
+            raise
+        raise ArgumentError(f"{fn}: {message.removeprefix('selfattn: ')}") from None
 
 
 def attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,

@@ -13,8 +13,8 @@ sequence aligned to its own length; on the CPU per sequence, side by side),
 on the cache's valid prefix or on the pool through the block table, whose
 pages the kernels read in place. Nothing is written before every argument is
 checked: here, or, for the lengths and pages (values of cache_seqlens and
-block_table), by the op alone, whose ValueError is raised here as
-ArgumentError.
+block_table), by the op alone, whose RuntimeError is raised here as
+ArgumentError (compiled: the op's RuntimeError).
 """
 from __future__ import annotations
 

@@ -35,7 +35,9 @@ override: on CPU dropout (this backward could not regenerate the mask without
 an rng state), on CUDA packed variable-length batches (cum_seq_q/cum_seq_k),
 paged KV (block_table), ALiBi slopes and seqused_k (the backward op of
 torch's schema does not receive them), return_debug_mask, a num_splits other
-than None or 0 (selfattn's attention op chooses its own split-KV); on both head dims
+than None or 0 without dropout (selfattn's attention op chooses its own
+split-KV; with dropout it is ignored, so that the backward, always
+selfattn's, reads its own rng state); on both head dims
 above 512 and non-floating dtypes. A row that sees no key gives 0 in both.
 """
 from __future__ import annotations
@@ -250,8 +252,11 @@ class _Handle:
                     is_causal, return_debug_mask, *, scale=None, window_size_left=None,
                     window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
                     num_splits=None):
+            # with dropout, num_splits is ignored rather than refused: torch's forward
+            # would hand the backward (selfattn's) an rng state it cannot read
             reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k, return_debug_mask,
-                                  seqused_k, alibi_slopes, block_table, num_splits)
+                                  seqused_k, alibi_slopes, block_table,
+                                  num_splits if dropout_p == 0.0 else None)
             if reason is not None:
                 return _torch_or_refuse(torch_fwd, reason).call_boxed(
                     keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,

@@ -38,10 +38,12 @@ def _offsets(name, t, device, what="N + 1 offsets"):
     return t
 
 
-def _check_paged(query, key, value, block_table, seqused_k, dropout_p):
+def _check_paged(query, key, value, block_table, seqused_k, dropout_p, cu_seq_q):
     """What a paged call needs beyond the unpaged checks (the op checks the
-    page indices against the pool)."""
-    check_block_table(FN, block_table, None, query.device, "query")
+    page indices against the pool): a block table row per sequence of cu_seq_q."""
+    rows = cu_seq_q.shape[0] - 1 if isinstance(cu_seq_q, torch.Tensor) and cu_seq_q.dim() == 1 \
+        else None
+    check_block_table(FN, block_table, rows, query.device, "query")
     if seqused_k is None:
         raise ArgumentError(f"{FN}: a block_table needs seqused_k, the key count of each "
                             "sequence (as torch's varlen_attn)")
@@ -116,7 +118,7 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
                 "4-D (num_pages, page_size, H, D) with a block_table" if want == 4
                 else "3-D (T, H, D)") + f", got shape {tuple(t.shape)}")
     if paged:
-        _check_paged(query, key, value, block_table, seqused_k, dropout_p)
+        _check_paged(query, key, value, block_table, seqused_k, dropout_p, cu_seq_q)
         if cu_seq_k is None:
             cu_seq_k = torch.zeros(block_table.shape[0] + 1, dtype=torch.int64,
                                    device=query.device)

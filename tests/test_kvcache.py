@@ -76,6 +76,8 @@ def test_bad_input_is_refused():
     q, kc, vc, k, v = _setup()
     cases = [
         (dict(cache_seqlens=torch.tensor([0, 63, 64])), ArgumentError, "S_max = 64"),
+        (dict(cache_seqlens=torch.tensor([0, -1, 3])), ArgumentError,
+         r"^selfattn.attention_with_kvcache: cache_seqlens\[1\] = -1 must be >= 0$"),
         (dict(cache_seqlens=torch.tensor([0, 1])), TypeError, "cache_seqlens must be"),
         (dict(cache_seqlens=0, v=None), ValueError, "both k and v"),
         (dict(cache_seqlens=0, k=k.double()), TypeError, "k must be a torch.float32 tensor"),
@@ -109,24 +111,22 @@ def test_cache_of_any_strides_is_written_in_place():
 
 def test_op_checks_before_writing():
     """torch.ops.selfattn.kvcache_forward called directly refuses lengths past
-    the cache and a bad block table before it writes anything: a ValueError
-    (what attention_with_kvcache raises as ArgumentError), other arguments a
-    RuntimeError."""
+    the cache and a bad block table before it writes anything."""
     q, kc, vc, k, v = _setup()
     op = torch.ops.selfattn.kvcache_forward.default
     before = kc.clone()
-    with pytest.raises(ValueError, match=r"cache_seqlens\[2\] \+ n_new = 64 \+ 1"):
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new = 64 \+ 1"):
         op(q, kc, vc, k, v, torch.tensor([0, 1, 64]), None, 0.25, -1, 0)
     kp, table = _paged(kc, 8)
     vp, _ = _paged(vc, 8)
     pool, far = kp.clone(), table.clone()
     far[0, 0] = kp.shape[0]
-    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = 27 is not a page"):
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = 27 is not a page"):
         op(q, kp, vp, k, v, torch.tensor([3, 1, 2]), far, 0.25, -1, 0)
-    with pytest.raises(ValueError, match=r"cache_seqlens\[2\] \+ n_new = 32 \+ 1 must lie in "
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new = 32 \+ 1 must lie in "
                        r"\[0, pages x page_size = 32\]"):
         op(q, kp, vp, k, v, torch.tensor([3, 1, 32]), table[:, :4], 0.25, -1, 0)
-    with pytest.raises(ValueError, match="cache_seqlens"):  # no int64 overflow past the checks
+    with pytest.raises(RuntimeError, match="cache_seqlens"):  # no int64 overflow past the checks
         op(q, kp, vp, k, v, torch.tensor([3, 1, 2 ** 63 - 1]), table, 0.25, -1, 0)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         op(q, kc, vc, k, v, torch.tensor([3, 1, 2]), None, float("nan"), -1, 0)
@@ -155,6 +155,10 @@ def test_opcheck_and_compile():
         eager = step(q, kc2, vc2, k, v)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # the compiled step wrote in place
+    bad = torch.compile(lambda q, kc, vc, k, v, lens: selfattn.attention_with_kvcache(
+        q, kc, vc, k, v, cache_seqlens=lens), fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"cache_seqlens\[2\] \+ n_new"):
+        bad(q, kc, vc, k, v, torch.tensor([5, 0, 63]))  # compiled: the op's own check
 
 
 def test_causal_self_attention_generates_with_the_cache():

@@ -418,6 +418,10 @@ def test_bad_paged_input_names_the_argument():
         (dict(block_table=table.long()), TypeError, "block_table must be an int32"),
         (dict(block_table=far), ArgumentError, r"block_table\[1, 2\] = 7 is not a page"),
         (dict(block_table=short), ArgumentError, "needs 3 pages of 8"),
+        (dict(block_table=table[:1]), TypeError, r"block_table must be an int32 tensor of "
+         r"shape \(2, max_pages\)"),
+        (dict(cu_seq_k=torch.zeros(4, dtype=torch.int64)), ArgumentError,
+         "cu_seq_k must have 3 offsets"),
         (dict(seqused_k=torch.tensor([10, -1])), ArgumentError, r"seqused_k\[1\] = -1"),
         (dict(value=vp[:, :4]), ValueError, "pools of one number"),
         (dict(dropout_p=0.1), ValueError, "dropout_p must be 0"),
