@@ -712,3 +712,19 @@ def test_sdpa_5d_mask_shapes_that_work(mask_shape):
     expect = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     got = selfattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# torch.func
+
+def test_vmap_runs_per_sample_and_grad_transform_is_refused():
+    """vmap runs the op once per sample (torch's batching fallback, which
+    warns); torch.func.grad refuses the op (torch's register_autograd makes an
+    autograd.Function without setup_context): README, Drop-ins."""
+    q = rand(3, 2, 5, 2, 8, dtype=F64)
+    k, v = rand(2, 6, 2, 8, dtype=F64), rand(2, 6, 2, 8, dtype=F64)
+    batched = torch.func.vmap(lambda x: selfattn.attention(x, k, v, causal=True))(q)
+    looped = torch.stack([selfattn.attention(x, k, v, causal=True) for x in q])
+    torch.testing.assert_close(batched, looped, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: selfattn.attention(x, k, v).sum())(q[0])
