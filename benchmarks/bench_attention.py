@@ -29,7 +29,9 @@ each in a subprocess (SELFATTN_CPU_ISA is read at import).
     python benchmarks/bench_attention.py --plot          # also a PNG
 
 Writes <out>/cpu_<module>.json and .md (cuda.json, cuda.md on CUDA; default
-out: benchmarks/results).
+out: benchmarks/results); while it runs, the points finished so far go to
+<out>/cpu_<module>.partial.json (removed at the end), which a run cut short
+keeps.
 """
 from __future__ import annotations
 
@@ -359,10 +361,20 @@ def main(argv=None) -> int:
     points = [p for p in grid(args) if args.only is None or args.only in p.label()]
     info = machine_info(device)
     gemm_before = gemm_gflops(device) if device == "cpu" else None
+    name = f"cpu_{info['cpu_kernels'].removeprefix('_cpu_')}" if device == "cpu" else "cuda"
+    partial = os.path.join(args.out, f"{name}.partial.json")
+
+    def save_json(path: str, done: List[Point]) -> None:
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"info": info, "points": [asdict(p) for p in done]}, f, indent=1)
+
     progress = Progress(len(points))
-    for p in points:
+    for n, p in enumerate(points, 1):
         run_point(p, device, args)
         progress.step(p.label())
+        if not args.check:  # a run cut short keeps the points it finished
+            save_json(partial, points[:n])
     if gemm_before is not None:
         gemm_after = gemm_gflops(device)
         info["gemm_gflops"] = f"{(gemm_before + gemm_after) / 2:.0f}"
@@ -381,12 +393,11 @@ def main(argv=None) -> int:
                   f"{p.ms['selfattn'] / p.ms['sdpa']:.2f}x SDPA's time "
                   f"(bound {args.check_ratio}x)", file=sys.stderr)
         return 1 if slow else 0
-    name = f"cpu_{info['cpu_kernels'].removeprefix('_cpu_')}" if device == "cpu" else "cuda"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"info": info, "points": [asdict(p) for p in points]}, f, indent=1)
+    save_json(os.path.join(args.out, f"{name}.json"), points)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table)
+    if os.path.exists(partial):
+        os.remove(partial)
     if args.plot:
         plot(points, os.path.join(args.out, f"{name}.png"))
     return 0
