@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._args import attention_args, sdpa_to_attention
+from ._args import attention_args, call_op, sdpa_to_attention
 from .errors import ArgumentError, ArgumentTypeError
+from .ops import functorch_attention
 
 __all__ = ["attention", "scaled_dot_product_attention", "attention_weights"]
 
@@ -53,6 +54,12 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                   q_start: int = 0, k_start: int = 0) -> Tuple[Tensor, Tensor]:
     """The forward op on checked arguments: (out, lse). diag_offset is Sk - Sq
     for bottom-right alignment, 0 for top-left (AttnArgs.diag_offset)."""
+    if not torch.jit.is_scripting():
+        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+            return functorch_attention(
+                _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+                attn_mask, key_lengths, rng, scale, window_left, window_right, diag_offset,
+                dropout_p, alibi_slopes, softcap, q_start, k_start)
     return torch.ops.selfattn.attention_forward(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), attn_mask,
         key_lengths, rng, scale, window_left, window_right, diag_offset, dropout_p,
@@ -105,8 +112,9 @@ def _attention(fn, names, q, k, v, causal, causal_alignment, window, scale, attn
     a = attention_args(fn, q, k, v, causal, causal_alignment, window, scale, attn_mask,
                        key_lengths, dropout_p, names, alibi_slopes, softcap)
     rng = rng_state(a.dropout_p, q.device, generator)
-    return fused_forward(q, k, v, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
-                         a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes, a.softcap)
+    return call_op(fn, fused_forward, q, k, v, a.attn_mask, a.key_lengths, rng, a.scale,
+                   a.window_left, a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes,
+                   a.softcap)
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
@@ -231,16 +239,17 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
     forward's mask. Rows that see no key are 0. The result does not carry
     gradients (it is for need_weights and for inspection).
     """
+    fn = "selfattn.attention_weights"
     q, k, attn_mask = _autocast(q, k, attn_mask)
-    a = attention_args("selfattn.attention_weights", q, k, k, causal, causal_alignment, window,
-                       scale, attn_mask, key_lengths, dropout_p, alibi_slopes=alibi_slopes,
-                       softcap=softcap)
+    a = attention_args(fn, q, k, k, causal, causal_alignment, window, scale, attn_mask,
+                       key_lengths, dropout_p, alibi_slopes=alibi_slopes, softcap=softcap)
     if lse is not None:
         expected = (q.shape[0], q.shape[2], q.shape[1])
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected \
                 or lse.dtype != a.lse_dtype:
-            raise ArgumentError(f"selfattn.attention_weights: lse must be a {a.lse_dtype} tensor "
-                                f"of shape (B, Hq, Sq) = {expected}")
+            raise ArgumentError(
+                f"{fn}: lse must be a {a.lse_dtype} tensor of shape (B, Hq, Sq) = {expected}")
     rng = rng_state(a.dropout_p, q.device, generator)
-    return fused_probs(q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale, a.window_left,
-                       a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes, a.softcap)
+    return call_op(fn, fused_probs, q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale,
+                   a.window_left, a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes,
+                   a.softcap)

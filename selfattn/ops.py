@@ -13,6 +13,8 @@ import platform
 import sys
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 
@@ -124,6 +126,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop second-order terms
         raise RuntimeError("selfattn.attention: double backward (create_graph=True) is not supported")
+    return _grads(ctx, dout, _dlse)
+
+
+def _grads(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, key_lengths, rng_state, alibi_slopes = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
     if dout.stride(-1) != 1:
@@ -135,6 +141,35 @@ def _backward(ctx, dout, _dlse):
 
 torch.library.register_autograd("selfattn::attention_forward", _backward,
                                 setup_context=_setup_context)
+
+
+class _FunctorchAttention(torch.autograd.Function):
+    """The forward op and its formula as an autograd.Function with a
+    setup_context, which torch.func's transforms require (the Function that
+    register_autograd builds has none)."""
+
+    generate_vmap_rule = True  # the op runs per sample through torch's batching fallback
+
+    @staticmethod
+    def forward(*args):
+        return forward_op(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_grads)
+
+
+def functorch_attention(*args):
+    """The forward op under torch.func transforms (grad, vjp, jacrev, vmap of
+    them): (out, lse). The backward is not differentiable, and functorch would
+    not say so (its grad records a graph of every backward): transforms nested
+    for a higher derivative are refused here."""
+    differentiating = [i for i in retrieve_all_functorch_interpreters()
+                       if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if len(differentiating) > 1:
+        raise RuntimeError("selfattn.attention: nested torch.func differentiation (grad of grad, "
+                           "hessian, jacrev of jacrev) is not supported: the backward is not "
+                           "differentiable")
+    return _FunctorchAttention.apply(*args)
 
 
 @torch.library.register_fake("selfattn::varlen_forward")

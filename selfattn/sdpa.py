@@ -36,9 +36,12 @@ an rng state), on CUDA packed variable-length batches (cum_seq_q/cum_seq_k),
 paged KV (block_table), ALiBi slopes and seqused_k (the backward op of
 torch's schema does not receive them), return_debug_mask, a num_splits other
 than None or 0 without dropout (selfattn's attention op chooses its own
-split-KV; with dropout it is ignored, so that the backward, always
-selfattn's, reads its own rng state); on both head dims
-above 512 and non-floating dtypes. A row that sees no key gives 0 in both.
+split-KV); on both head dims above 512 and non-floating dtypes. The backward
+of the non-packed CUDA ops is always selfattn's and redraws selfattn's dropout
+mask, so with dropout num_splits is ignored, and block_table, alibi_slopes,
+seqused_k and return_debug_mask raise NotImplementedError (torch's forward
+would draw a mask the backward cannot redraw). A row that sees no key gives
+0 in both.
 """
 from __future__ import annotations
 
@@ -132,16 +135,30 @@ def _op_args(query, attn_mask, is_causal, scale):
 # ops to run (selfattn's, or the emulated backend's in tests/simt).
 
 def cuda_refusal(query, key, value, cum_seq_q=None, cum_seq_k=None, return_debug_mask=False,
-                 seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None):
+                 seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None, *,
+                 dropout_p=0.0):
     """Why selfattn's kernels do not take these arguments of torch's CUDA
-    flash ops, or None when they do."""
+    flash ops, or None when they do. With dropout, num_splits is ignored (the
+    forward stays selfattn's), and the arguments that only the forward op
+    receives raise NotImplementedError: torch's forward would draw a dropout
+    mask that the backward, which cannot tell and is selfattn's, would not
+    redraw (silently wrong gradients)."""
     if cum_seq_q is not None or cum_seq_k is not None:
         return "packed variable-length batches (cum_seq_q, cum_seq_k)"
+    forward_only = [name for name, given in (
+        ("block_table", block_table is not None), ("alibi_slopes", alibi_slopes is not None),
+        ("seqused_k", seqused_k is not None), ("return_debug_mask", return_debug_mask)) if given]
+    if forward_only and dropout_p > 0.0:
+        raise NotImplementedError(
+            f"selfattn's flash attention override: dropout_p > 0 with {', '.join(forward_only)} "
+            "would run torch's forward, whose dropout mask selfattn's backward cannot redraw; "
+            "restore torch's flash implementation for this call "
+            "(torch.nn.attention.restore_flash_attention_impl() or selfattn.disable_sdpa())")
     if block_table is not None:
         return "a paged KV cache (block_table)"
     if alibi_slopes is not None or seqused_k is not None:
         return "alibi_slopes or seqused_k (the backward op does not receive them)"
-    if num_splits:
+    if num_splits and dropout_p == 0.0:
         return "num_splits (selfattn's attention op chooses its own split-KV)"
     if return_debug_mask:
         return "return_debug_mask=True"
@@ -252,11 +269,9 @@ class _Handle:
                     is_causal, return_debug_mask, *, scale=None, window_size_left=None,
                     window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
                     num_splits=None):
-            # with dropout, num_splits is ignored rather than refused: torch's forward
-            # would hand the backward (selfattn's) an rng state it cannot read
             reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k, return_debug_mask,
-                                  seqused_k, alibi_slopes, block_table,
-                                  num_splits if dropout_p == 0.0 else None)
+                                  seqused_k, alibi_slopes, block_table, num_splits,
+                                  dropout_p=dropout_p)
             if reason is not None:
                 return _torch_or_refuse(torch_fwd, reason).call_boxed(
                     keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
@@ -281,7 +296,8 @@ class _Handle:
 
         def sdpa_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False,
                          return_debug_mask=False, *, scale=None):
-            reason = cuda_refusal(query, key, value, return_debug_mask=return_debug_mask)
+            reason = cuda_refusal(query, key, value, return_debug_mask=return_debug_mask,
+                                  dropout_p=dropout_p)
             if reason is not None:
                 return _torch_or_refuse(torch_sdpa_fwd, reason).call_boxed(
                     keyset, query, key, value, dropout_p, is_causal, return_debug_mask,

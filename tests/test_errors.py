@@ -1,7 +1,7 @@
 """Bad input raises a Python exception whose message names the argument
 (issue #2, DESIGN.md section 2): through the public API (ValueError or
-TypeError from the shared argument checks, RuntimeError from the C++ checks
-for what only the kernel can see, e.g. key_lengths' values on CPU), and through
+TypeError from the shared argument checks; the C++ checks of what only the
+kernel can see, e.g. key_lengths' values on CPU, are ValueError too), and through
 direct torch.ops.selfattn calls with inconsistent tensors (RuntimeError, never
 a crash). The reference refuses exactly what the fused functions refuse.
 """
@@ -14,6 +14,7 @@ import torch
 
 import selfattn
 from selfattn import ops, reference
+from selfattn.errors import ArgumentError
 
 ERRORS = (ValueError, TypeError, RuntimeError)
 
@@ -168,10 +169,10 @@ def test_mask_device_and_type(attention):
 @pytest.mark.parametrize("lengths", [[SK + 1, 3], [-1, 3], [0, 100]])
 def test_key_lengths_out_of_range(lengths):
     q, k, v = good()
-    _raises(RuntimeError, rf"key_lengths must lie in \[0, {SK}\]", selfattn.attention, q, k, v,
-            key_lengths=torch.tensor(lengths))
-    _raises(RuntimeError, r"key_lengths", selfattn.attention_weights, q, k,
-            key_lengths=torch.tensor(lengths, dtype=torch.int32))
+    _raises(ArgumentError, rf"^selfattn.attention: key_lengths must lie in \[0, {SK}\]",
+            selfattn.attention, q, k, v, key_lengths=torch.tensor(lengths))
+    _raises(ArgumentError, r"^selfattn.attention_weights: key_lengths must lie",
+            selfattn.attention_weights, q, k, key_lengths=torch.tensor(lengths, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("kl,exc,pattern", [

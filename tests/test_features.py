@@ -717,14 +717,69 @@ def test_sdpa_5d_mask_shapes_that_work(mask_shape):
 # ---------------------------------------------------------------------------
 # torch.func
 
-def test_vmap_runs_per_sample_and_grad_transform_is_refused():
+def test_vmap_runs_per_sample():
     """vmap runs the op once per sample (torch's batching fallback, which
-    warns); torch.func.grad refuses the op (torch's register_autograd makes an
-    autograd.Function without setup_context): README, Drop-ins."""
+    warns): README, Drop-ins."""
     q = rand(3, 2, 5, 2, 8, dtype=F64)
     k, v = rand(2, 6, 2, 8, dtype=F64), rand(2, 6, 2, 8, dtype=F64)
     batched = torch.func.vmap(lambda x: selfattn.attention(x, k, v, causal=True))(q)
     looped = torch.stack([selfattn.attention(x, k, v, causal=True) for x in q])
     torch.testing.assert_close(batched, looped, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda x: selfattn.attention(x, k, v).sum())(q[0])
+
+
+def test_func_grad_of_every_input_matches_the_reference():
+    """torch.func.grad through the fused op, for q, k, v and a float mask, GQA
+    and a window, against torch.func.grad of the float64 reference."""
+    q, k, v = rand(2, 5, 4, 8, dtype=F64), rand(2, 7, 2, 8, dtype=F64), rand(2, 7, 2, 8, dtype=F64)
+    mask = rand(2, 1, 5, 7, dtype=F64)
+    w = rand(2, 5, 4, 8, dtype=F64)
+
+    def loss(attention):
+        return lambda *t: (attention(*t[:3], attn_mask=t[3], window=(3, 1)) * w).sum()
+
+    got = torch.func.grad(loss(selfattn.attention), argnums=(0, 1, 2, 3))(q, k, v, mask)
+    expect = torch.func.grad(loss(reference.attention), argnums=(0, 1, 2, 3))(q, k, v, mask)
+    for name, g, e in zip(("q", "k", "v", "attn_mask"), got, expect):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_per_sample_gradients_of_multihead_attention():
+    """vmap(grad) over functional_call: per-sample gradients of every
+    parameter of selfattn's MultiheadAttention, as one backward per sample."""
+    torch.manual_seed(0)
+    mha = selfattn.nn.MultiheadAttention(16, 2, batch_first=True, dtype=F64)
+    params = {n: p.detach() for n, p in mha.named_parameters()}
+    x = rand(4, 5, 16, dtype=F64)
+
+    def loss(p, xi):
+        xi = xi[None]
+        out, _ = torch.func.functional_call(mha, p, (xi, xi, xi), {"need_weights": False})
+        return (out ** 2).sum()
+
+    with pytest.warns(UserWarning, match="batching rule"):
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i, xi in enumerate(x):
+        mha.zero_grad()
+        loss(dict(mha.named_parameters()), xi).backward()
+        for n, p in mha.named_parameters():
+            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("transform", ["grad_of_grad", "hessian", "jvp"])
+def test_higher_order_and_forward_mode_transforms_raise(transform):
+    """The backward is not differentiable: nested differentiation raises
+    rather than returning zeros for the missing terms; forward mode raises."""
+    q, k, v = rand(1, 3, 2, 8, dtype=F64), rand(1, 4, 2, 8, dtype=F64), rand(1, 4, 2, 8, dtype=F64)
+
+    def f(x):
+        return (selfattn.attention(x, k, v) ** 2).sum()
+
+    if transform == "jvp":
+        with pytest.raises(NotImplementedError, match="jvp"):
+            torch.func.jvp(f, (q,), (q,))
+        return
+    with pytest.raises(RuntimeError, match="nested torch.func differentiation"):
+        if transform == "hessian":
+            torch.func.hessian(f)(q)
+        else:
+            torch.func.grad(lambda x: torch.func.grad(f)(x).sum())(q)

@@ -209,6 +209,25 @@ def test_cuda_refusals_name_the_argument():
     assert "head dims" in selfattn.sdpa.cuda_refusal(wide, wide, wide)
 
 
+def test_cuda_dropout_with_forward_only_arguments_raises():
+    """With dropout, the CUDA backward override is selfattn's whoever ran the
+    forward: arguments that would send only the forward to torch are refused
+    (torch's dropout mask could not be redrawn), num_splits is ignored, and
+    packed batches (whose backward goes to torch too) still go to torch."""
+    q = torch.empty(1, 4, 2, 16, dtype=torch.float16)
+    offsets = torch.tensor([0, 4], dtype=torch.int32)
+    for kw, words in ((dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+                      (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+                      (dict(seqused_k=torch.tensor([3], dtype=torch.int32)), "seqused_k"),
+                      (dict(return_debug_mask=True), "return_debug_mask")):
+        with pytest.raises(NotImplementedError, match=f"dropout_p > 0 with {words}"):
+            selfattn.sdpa.cuda_refusal(q, q, q, dropout_p=0.1, **kw)
+        assert selfattn.sdpa.cuda_refusal(q, q, q, dropout_p=0.0, **kw) is not None
+    assert selfattn.sdpa.cuda_refusal(q, q, q, num_splits=2, dropout_p=0.1) is None
+    assert "cum_seq_q" in selfattn.sdpa.cuda_refusal(
+        q, q, q, offsets, offsets, return_debug_mask=True, dropout_p=0.1)
+
+
 def test_row_that_sees_no_key_gives_zero_as_torch(active):
     q = rand(1, 2, 4, 16)
     keep = torch.ones(4, 4, dtype=torch.bool)
