@@ -23,7 +23,7 @@ from torch import Tensor
 from . import reference
 from ._args import attention_args, call_op, sdpa_to_attention
 from .errors import ArgumentError, ArgumentTypeError
-from .ops import functorch_attention
+from .ops import forward_op, transformable
 
 __all__ = ["attention", "scaled_dot_product_attention", "attention_weights"]
 
@@ -54,12 +54,11 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                   q_start: int = 0, k_start: int = 0) -> Tuple[Tensor, Tensor]:
     """The forward op on checked arguments: (out, lse). diag_offset is Sk - Sq
     for bottom-right alignment, 0 for top-left (AttnArgs.diag_offset)."""
-    if not torch.jit.is_scripting():
-        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-            return functorch_attention(
-                _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-                attn_mask, key_lengths, rng, scale, window_left, window_right, diag_offset,
-                dropout_p, alibi_slopes, softcap, q_start, k_start)
+    if not torch.jit.is_scripting():  # torch.func transforms take a Function (ops.py)
+        return transformable(forward_op)(
+            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), attn_mask,
+            key_lengths, rng, scale, window_left, window_right, diag_offset, dropout_p,
+            alibi_slopes, softcap, q_start, k_start)
     return torch.ops.selfattn.attention_forward(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), attn_mask,
         key_lengths, rng, scale, window_left, window_right, diag_offset, dropout_p,

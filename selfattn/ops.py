@@ -143,35 +143,6 @@ torch.library.register_autograd("selfattn::attention_forward", _backward,
                                 setup_context=_setup_context)
 
 
-class _FunctorchAttention(torch.autograd.Function):
-    """The forward op and its formula as an autograd.Function with a
-    setup_context, which torch.func's transforms require (the Function that
-    register_autograd builds has none)."""
-
-    generate_vmap_rule = True  # the op runs per sample through torch's batching fallback
-
-    @staticmethod
-    def forward(*args):
-        return forward_op(*args)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_grads)
-
-
-def functorch_attention(*args):
-    """The forward op under torch.func transforms (grad, vjp, jacrev, vmap of
-    them): (out, lse). The backward is not differentiable, and functorch would
-    not say so (its grad records a graph of every backward): transforms nested
-    for a higher derivative are refused here."""
-    differentiating = [i for i in retrieve_all_functorch_interpreters()
-                       if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    if len(differentiating) > 1:
-        raise RuntimeError("selfattn.attention: nested torch.func differentiation (grad of grad, "
-                           "hessian, jacrev of jacrev) is not supported: the backward is not "
-                           "differentiable")
-    return _FunctorchAttention.apply(*args)
-
-
 @torch.library.register_fake("selfattn::varlen_forward")
 def _varlen_forward_fake(q, k, v, cu_seq_q, cu_seq_k, seqused_k, rng_state, scale, window_left,
                          window_right, dropout_p, block_table=None, num_splits=0):
@@ -205,6 +176,10 @@ def _varlen_backward(ctx, dout, _dlse):
     if torch.is_grad_enabled():
         raise RuntimeError("selfattn.varlen_attention: double backward (create_graph=True) is "
                            "not supported")
+    return _varlen_grads(ctx, dout, _dlse)
+
+
+def _varlen_grads(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -215,6 +190,40 @@ def _varlen_backward(ctx, dout, _dlse):
 
 torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,
                                 setup_context=_varlen_setup_context)
+
+
+def _functorch_function(name, op, setup_context, grads):
+    """op and its formula as an autograd.Function with a setup_context, which
+    torch.func's transforms require (the one register_autograd builds has none)."""
+    return type(name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True,  # the op runs per sample through torch's batching fallback
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(grads)})
+
+
+_FUNCTORCH = {
+    forward_op: _functorch_function("FunctorchAttention", forward_op, _setup_context, _grads),
+    varlen_forward_op: _functorch_function("FunctorchVarlen", varlen_forward_op,
+                                           _varlen_setup_context, _varlen_grads),
+}
+
+
+def transformable(op):
+    """op (forward_op or varlen_forward_op), or while a torch.func transform
+    (grad, vjp, jacrev, vmap of them) is active in eager mode the same op and
+    formula as a Function those transforms take. Its backward is not
+    differentiable and functorch would not say so (its grad records a graph of
+    every backward): transforms nested for a higher derivative are refused."""
+    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return op
+    differentiating = [i for i in retrieve_all_functorch_interpreters()
+                       if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if len(differentiating) > 1:
+        raise RuntimeError("selfattn: nested torch.func differentiation (grad of grad, hessian, "
+                           "jacrev of jacrev) is not supported: the backward is not "
+                           "differentiable")
+    return _FUNCTORCH[op].apply
 
 
 @torch.library.register_fake("selfattn::kvcache_forward")

@@ -147,9 +147,9 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
         seqused_k = _offsets("seqused_k", seqused_k, query.device, "N lengths")
     rng = rng_state(a.dropout_p, query.device, generator)
     out, lse = call_op(
-        FN, ops.varlen_forward_op, _last_dim_contiguous(query), _last_dim_contiguous(key),
-        _last_dim_contiguous(value), cu_seq_q, cu_seq_k, seqused_k, rng, a.scale, a.window_left,
-        a.window_right, a.dropout_p, block_table, num_splits)
+        FN, ops.transformable(ops.varlen_forward_op), _last_dim_contiguous(query),
+        _last_dim_contiguous(key), _last_dim_contiguous(value), cu_seq_q, cu_seq_k, seqused_k,
+        rng, a.scale, a.window_left, a.window_right, a.dropout_p, block_table, num_splits)
     if return_lse or (return_aux is not None and getattr(return_aux, "lse", False)):
         return out, lse
     return out
