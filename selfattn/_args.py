@@ -189,6 +189,15 @@ def check_block_table(fn, block_table, rows, device, q_name):
                             f"{device}")
 
 
+def pool_as_batch(pool, batch, block_table):
+    """A paged cache's pool (num_pages, page_size, H, D) seen as `batch`
+    sequences of the longest length its block table can address, every
+    position its first key (a zero-stride view, for the shape checks of
+    attention_args)."""
+    longest = block_table.shape[1] * pool.shape[1]
+    return pool.as_strided((batch, longest) + tuple(pool.shape[2:]), (0, 0) + pool.stride()[2:])
+
+
 def call_op(fn, op, *args):
     """op(*args), the RuntimeError of the op's own argument checks (those of
     values only it reads: packed offsets, KV cache lengths, block table pages;

@@ -23,7 +23,8 @@ import numbers
 import torch
 
 from . import ops
-from ._args import _tensor, attention_args, call_op, check_block_table, non_negative_int
+from ._args import (_tensor, attention_args, call_op, check_block_table, non_negative_int,
+                    pool_as_batch)
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous
 
@@ -90,9 +91,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ArgumentError(f"{FN}: k_cache and v_cache must be pools of one number (>= 1) "
                                 f"of pages of one size, got {tuple(k_cache.shape)} and "
                                 f"{tuple(v_cache.shape)}")
-        # a pool's first key stands for a sequence of the longest length it can hold
-        longest = block_table.shape[1] * k_cache.shape[1]
-        k1, v1 = (t[:1, :1].expand(q.shape[0], longest, *t.shape[2:]) for t in (k_cache, v_cache))
+        k1, v1 = (pool_as_batch(t, q.shape[0], block_table) for t in (k_cache, v_cache))
     a = attention_args(FN, q, k1, v1, causal, "bottom_right", window, scale, None, None, 0.0,
                        ("q", "k_cache", "v_cache"))
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._args import attention_args, call_op, check_block_table, non_negative_int
+from ._args import attention_args, call_op, check_block_table, non_negative_int, pool_as_batch
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous, rng_state
 
@@ -135,9 +135,8 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
                                 f"{window_size!r}")
     # checks of dtypes, devices, heads, head dims, scale, window and dropout, on views
     # of the packed tensors as one batch
-    # (a pool's first key stands for a sequence of the longest length it can hold)
-    k1, v1 = ((t[:1, :1].expand(1, block_table.shape[1] * key.shape[1], *t.shape[2:])
-               for t in (key, value)) if paged else (key.unsqueeze(0), value.unsqueeze(0)))
+    k1, v1 = ((pool_as_batch(t, 1, block_table) for t in (key, value)) if paged
+              else (key.unsqueeze(0), value.unsqueeze(0)))
     a = attention_args(FN, query.unsqueeze(0), k1, v1, False, "bottom_right",
                        tuple(window_size), scale, None, None, dropout_p,
                        ("query", "key", "value"))
