@@ -198,10 +198,11 @@ def pool_as_batch(pool, batch, block_table):
     return pool.as_strided((batch, longest) + tuple(pool.shape[2:]), (0, 0) + pool.stride()[2:])
 
 
-def call_op(fn, op, *args):
+def call_op(fn, op, *args, checks=("",)):
     """op(*args), the RuntimeError of the op's own argument checks (those of
-    values only it reads: packed offsets, KV cache lengths, block table pages;
-    all run before it writes anything) raised as ArgumentError from `fn`.
+    values only it reads, all run before it writes anything: packed offsets,
+    KV cache lengths, block table pages, key_lengths; their messages start
+    with "selfattn: " and one of `checks`) raised as ArgumentError from `fn`.
     Compiled, the op's RuntimeError passes as it is."""
     if torch.compiler.is_compiling():
         return op(*args)
@@ -209,7 +210,7 @@ def call_op(fn, op, *args):
         return op(*args)
     except RuntimeError as e:
         message = str(e)
-        if not message.startswith("selfattn: "):
+        if not any(message.startswith("selfattn: " + check) for check in checks):
             raise
         raise ArgumentError(f"{fn}: {message.removeprefix('selfattn: ')}") from None
 

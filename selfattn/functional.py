@@ -113,7 +113,7 @@ def _attention(fn, names, q, k, v, causal, causal_alignment, window, scale, attn
     rng = rng_state(a.dropout_p, q.device, generator)
     return call_op(fn, fused_forward, q, k, v, a.attn_mask, a.key_lengths, rng, a.scale,
                    a.window_left, a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes,
-                   a.softcap)
+                   a.softcap, checks=("key_lengths must lie",))
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None,
@@ -251,4 +251,4 @@ def attention_weights(q, k, *, causal=False, causal_alignment="bottom_right", wi
     rng = rng_state(a.dropout_p, q.device, generator)
     return call_op(fn, fused_probs, q, k, lse, a.attn_mask, a.key_lengths, rng, a.scale,
                    a.window_left, a.window_right, a.diag_offset, a.dropout_p, a.alibi_slopes,
-                   a.softcap)
+                   a.softcap, checks=("key_lengths must lie",))

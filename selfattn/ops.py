@@ -1,6 +1,7 @@
 """Python side of the `torch.ops.selfattn` operators: fake kernels (shapes
 only, so torch.compile can trace and plan memory) and the autograd formula,
-whose backward calls the registered backward op. The kernels themselves are
+whose backward calls the registered backward op (and the same formula as
+autograd.Functions that torch.func's transforms take). The kernels themselves are
 C++/CUDA (csrc/): selfattn._C holds the schemas (and the CUDA kernels), and
 one of the selfattn._cpu_* modules the CPU kernels, built once per
 instruction set; the best one this CPU supports is loaded.
@@ -13,8 +14,6 @@ import platform
 import sys
 
 import torch
-from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 
@@ -123,19 +122,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _double_backward(fn):
+    return RuntimeError(f"{fn}: double backward (create_graph=True, grad of grad) is not "
+                        "supported")
+
+
 def _backward(ctx, dout, _dlse):
     if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop second-order terms
-        raise RuntimeError("selfattn.attention: double backward (create_graph=True) is not supported")
-    return _grads(ctx, dout, _dlse)
+        raise _double_backward("selfattn.attention")
+    return _grads(backward_op, ctx, dout)
 
 
-def _grads(ctx, dout, _dlse):
+def _grads(backward, ctx, dout):
+    """The formula: `backward` is backward_op, or under torch.func its Function."""
     q, k, v, out, lse, attn_mask, key_lengths, rng_state, alibi_slopes = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv, dmask = backward_op(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state,
-                                    *ctx.scalars, alibi_slopes, *ctx.modifiers, mask_grad)
+    dq, dk, dv, dmask = backward(dout, q, k, v, out, lse, attn_mask, key_lengths, rng_state,
+                                 *ctx.scalars, alibi_slopes, *ctx.modifiers, mask_grad)
     return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 11
 
 
@@ -174,17 +179,16 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, _dlse):
     if torch.is_grad_enabled():
-        raise RuntimeError("selfattn.varlen_attention: double backward (create_graph=True) is "
-                           "not supported")
-    return _varlen_grads(ctx, dout, _dlse)
+        raise _double_backward("selfattn.varlen_attention")
+    return _varlen_grads(varlen_backward_op, ctx, dout)
 
 
-def _varlen_grads(ctx, dout, _dlse):
+def _varlen_grads(backward, ctx, dout):
     q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = varlen_backward_op(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k,
-                                    rng_state, *ctx.scalars)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, rng_state,
+                          *ctx.scalars)
     return (dq, dk, dv) + (None,) * 10
 
 
@@ -192,38 +196,50 @@ torch.library.register_autograd("selfattn::varlen_forward", _varlen_backward,
                                 setup_context=_varlen_setup_context)
 
 
-def _functorch_function(name, op, setup_context, grads):
-    """op and its formula as an autograd.Function with a setup_context, which
-    torch.func's transforms require (the one register_autograd builds has none)."""
+# torch.func: its transforms take only an autograd.Function with a setup_context
+# (the one register_autograd builds has none), and functorch's grad records a
+# graph of every backward, so the backward op runs as a Function too, whose own
+# backward raises: a derivative of the backward (grad of grad, an autograd
+# around torch.func.grad) fails instead of missing its terms.
+def _function(name, op, setup_context, backward):
     return type(name, (torch.autograd.Function,), {
         "generate_vmap_rule": True,  # the op runs per sample through torch's batching fallback
         "forward": staticmethod(lambda *args: op(*args)),
         "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(grads)})
+        "backward": staticmethod(backward)})
 
 
-_FUNCTORCH = {
-    forward_op: _functorch_function("FunctorchAttention", forward_op, _setup_context, _grads),
-    varlen_forward_op: _functorch_function("FunctorchVarlen", varlen_forward_op,
-                                           _varlen_setup_context, _varlen_grads),
+def _transformable_pair(name, fn, forward, setup_context, grads, backward):
+    def refuse(ctx, *_grads):
+        raise _double_backward(fn)
+
+    backward_fn = _function(name + "Backward", backward, lambda ctx, inputs, output: None, refuse)
+    return _function(name, forward, setup_context,
+                     lambda ctx, dout, _dlse: grads(backward_fn.apply, ctx, dout))
+
+
+_TRANSFORMABLE = {
+    forward_op: _transformable_pair("Attention", "selfattn.attention", forward_op,
+                                    _setup_context, _grads, backward_op),
+    varlen_forward_op: _transformable_pair("Varlen", "selfattn.varlen_attention",
+                                           varlen_forward_op, _varlen_setup_context,
+                                           _varlen_grads, varlen_backward_op),
 }
 
 
 def transformable(op):
-    """op (forward_op or varlen_forward_op), or while a torch.func transform
-    (grad, vjp, jacrev, vmap of them) is active in eager mode the same op and
-    formula as a Function those transforms take. Its backward is not
-    differentiable and functorch would not say so (its grad records a graph of
-    every backward): transforms nested for a higher derivative are refused."""
-    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    """op (forward_op or varlen_forward_op), or in eager mode under a
+    differentiating torch.func transform (grad, vjp, jacrev, and vmap of
+    them) the same op and formula as a Function those transforms take."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return op
-    differentiating = [i for i in retrieve_all_functorch_interpreters()
-                       if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    if len(differentiating) > 1:
-        raise RuntimeError("selfattn: nested torch.func differentiation (grad of grad, hessian, "
-                           "jacrev of jacrev) is not supported: the backward is not "
-                           "differentiable")
-    return _FUNCTORCH[op].apply
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp)
+           for i in retrieve_all_functorch_interpreters()):
+        return _TRANSFORMABLE[op].apply
+    return op
 
 
 @torch.library.register_fake("selfattn::kvcache_forward")

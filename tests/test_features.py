@@ -786,21 +786,48 @@ def test_func_grad_of_varlen_attention_matches_the_reference():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("transform", ["grad_of_grad", "hessian", "jvp"])
-def test_higher_order_and_forward_mode_transforms_raise(transform):
-    """The backward is not differentiable: nested differentiation raises
-    rather than returning zeros for the missing terms; forward mode raises."""
+@pytest.mark.parametrize("transform", ["grad_of_grad", "outer_autograd", "hessian", "jvp"])
+def test_derivatives_of_the_gradient_and_forward_mode_raise(transform):
+    """The backward is not differentiable: a derivative of a torch.func
+    gradient raises (rather than missing the attention's terms, as it would if
+    the backward op simply ran under functorch's graph); forward mode raises."""
     q, k, v = rand(1, 3, 2, 8, dtype=F64), rand(1, 4, 2, 8, dtype=F64), rand(1, 4, 2, 8, dtype=F64)
 
     def f(x):
-        return (selfattn.attention(x, k, v) ** 2).sum()
+        return (selfattn.attention(x, k, v) ** 2).sum() + (x ** 3).sum()
 
-    if transform == "jvp":
+    if transform in ("hessian", "jvp"):
         with pytest.raises(NotImplementedError, match="jvp"):
-            torch.func.jvp(f, (q,), (q,))
+            if transform == "hessian":
+                torch.func.hessian(f)(q)
+            else:
+                torch.func.jvp(f, (q,), (q,))
         return
-    with pytest.raises(RuntimeError, match="nested torch.func differentiation"):
-        if transform == "hessian":
-            torch.func.hessian(f)(q)
-        else:
+    with pytest.raises(RuntimeError, match="double backward") as info:
+        if transform == "grad_of_grad":
             torch.func.grad(lambda x: torch.func.grad(f)(x).sum())(q)
+        else:  # an autograd graph around torch.func.grad (the x ** 3 term keeps one)
+            x = q.clone().requires_grad_()
+            (torch.func.grad(f)(x) ** 2).sum().backward()
+    assert type(info.value) is RuntimeError
+
+
+def test_transforms_without_grad_keep_the_op():
+    """Without a differentiating transform the op runs as itself: vmap with
+    create_graph=True still refuses the double backward at the first
+    backward, functionalize traces the op, a paged varlen call runs under vmap."""
+    q, k, v = rand(2, 3, 2, 8, dtype=F64), rand(1, 4, 2, 8, dtype=F64), rand(1, 4, 2, 8, dtype=F64)
+    x = q.clone().requires_grad_()
+    out = torch.func.vmap(lambda xi: selfattn.attention(xi[None], k, v)[0])(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    got = torch.func.functionalize(lambda y: selfattn.attention(y, k, v))(q[:1])
+    torch.testing.assert_close(got, selfattn.attention(q[:1], k, v), rtol=0, atol=0)
+    pool, table = rand(2, 4, 2, 8, dtype=F64), torch.tensor([[1, 0]], dtype=torch.int32)
+    cu_q, used = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([6], dtype=torch.int32)
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda y: selfattn.varlen_attention(
+            y, pool, pool, cu_q, None, 3, 6, seqused_k=used, block_table=table))(q)
+        looped = [selfattn.varlen_attention(y, pool, pool, cu_q, None, 3, 6, seqused_k=used,
+                                            block_table=table) for y in q]
+    torch.testing.assert_close(batched, torch.stack(looped), rtol=0, atol=0)
