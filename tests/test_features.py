@@ -786,6 +786,25 @@ def test_func_grad_of_varlen_attention_matches_the_reference():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("order", ["compile_of_grad", "grad_of_compile"])
+def test_func_grad_and_compile_compose(order):
+    """torch.compile of torch.func.grad, and grad of a compiled function,
+    give the eager gradient."""
+    q, k, v = rand(2, 5, 2, 8, dtype=F64), rand(2, 6, 2, 8, dtype=F64), rand(2, 6, 2, 8, dtype=F64)
+
+    def f(x):
+        return (selfattn.attention(x, k, v, causal=True) ** 2).sum()
+
+    torch._dynamo.reset()
+    if order == "compile_of_grad":
+        got = torch.compile(torch.func.grad(f))(q)
+    else:
+        got = torch.func.grad(torch.compile(f))(q)
+    x = q.clone().requires_grad_()
+    f(x).backward()
+    torch.testing.assert_close(got, x.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("transform", ["grad_of_grad", "outer_autograd", "hessian", "jvp"])
 def test_derivatives_of_the_gradient_and_forward_mode_raise(transform):
     """The backward is not differentiable: a derivative of a torch.func
