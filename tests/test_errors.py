@@ -166,6 +166,25 @@ def test_mask_device_and_type(attention):
 # ---------------------------------------------------------------------------
 # key_lengths
 
+def test_call_op_converts_only_the_named_checks():
+    """call_op raises the op's value checks it is told of as ArgumentError from
+    the public function; any other error of the op passes unchanged."""
+    from selfattn._args import call_op
+
+    def op(message):
+        raise RuntimeError(message)
+
+    with pytest.raises(ArgumentError, match=r"^selfattn.f: key_lengths must lie in \[0, 4\]$"):
+        call_op("selfattn.f", op, "selfattn: key_lengths must lie in [0, 4]",
+                checks=("key_lengths must lie",))
+    for message in ("selfattn: too many rows", "CUDA error: key_lengths must lie"):
+        with pytest.raises(RuntimeError) as info:
+            call_op("selfattn.f", op, message, checks=("key_lengths must lie",))
+        assert type(info.value) is RuntimeError and str(info.value) == message
+    with pytest.raises(ArgumentError, match="^selfattn.f: too many rows$"):
+        call_op("selfattn.f", op, "selfattn: too many rows")  # default: every op check
+
+
 @pytest.mark.parametrize("lengths", [[SK + 1, 3], [-1, 3], [0, 100]])
 def test_key_lengths_out_of_range(lengths):
     q, k, v = good()
