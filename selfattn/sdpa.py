@@ -45,6 +45,7 @@ would draw a mask the backward cannot redraw). A row that sees no key gives
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -219,6 +220,65 @@ def sdpa_flash_backward(backward, grad_out, query, key, value, out, logsumexp, d
             _like(value, dv.transpose(1, 2)))
 
 
+# The CUDA kernels of torch's four flash ops: `torch_kernel` is torch's own
+# (for the arguments selfattn refuses), `op` selfattn's forward or backward op
+# (or the emulated backend's in tests/simt).
+
+def cuda_forward(torch_kernel, op, keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
+                 dropout_p, is_causal, return_debug_mask, *, scale=None, window_size_left=None,
+                 window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
+                 num_splits=None):
+    """aten::_flash_attention_forward."""
+    reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k, return_debug_mask, seqused_k,
+                          alibi_slopes, block_table, num_splits, dropout_p=dropout_p)
+    if reason is not None:
+        return _torch_or_refuse(torch_kernel, reason).call_boxed(
+            keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+            return_debug_mask, scale=scale, window_size_left=window_size_left,
+            window_size_right=window_size_right, seqused_k=seqused_k, alibi_slopes=alibi_slopes,
+            block_table=block_table, num_splits=num_splits)
+    return flash_forward(op, query, key, value, dropout_p, is_causal, scale, window_size_left,
+                         window_size_right)
+
+
+def cuda_backward(torch_kernel, op, keyset, grad_out, query, key, value, out, logsumexp,
+                  cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, rng_state_, unused, *,
+                  scale=None, window_size_left=None, window_size_right=None):
+    """aten::_flash_attention_backward."""
+    reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k)
+    if reason is not None:
+        return _torch_or_refuse(torch_kernel, reason).call_boxed(
+            keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q,
+            max_k, dropout_p, is_causal, rng_state_, unused, scale=scale,
+            window_size_left=window_size_left, window_size_right=window_size_right)
+    return flash_backward(op, grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
+                          rng_state_, scale, window_size_left, window_size_right)
+
+
+def cuda_sdpa_forward(torch_kernel, op, keyset, query, key, value, dropout_p=0.0,
+                      is_causal=False, return_debug_mask=False, *, scale=None):
+    """aten::_scaled_dot_product_flash_attention."""
+    reason = cuda_refusal(query, key, value, return_debug_mask=return_debug_mask,
+                          dropout_p=dropout_p)
+    if reason is not None:
+        return _torch_or_refuse(torch_kernel, reason).call_boxed(
+            keyset, query, key, value, dropout_p, is_causal, return_debug_mask, scale=scale)
+    return sdpa_flash_forward(op, query, key, value, dropout_p, is_causal, scale)
+
+
+def cuda_sdpa_backward(torch_kernel, op, keyset, grad_out, query, key, value, out, logsumexp,
+                       cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed,
+                       philox_offset, *, scale=None):
+    """aten::_scaled_dot_product_flash_attention_backward."""
+    reason = cuda_refusal(query, key, value)
+    if reason is not None:
+        return _torch_or_refuse(torch_kernel, reason).call_boxed(
+            keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q,
+            max_k, dropout_p, is_causal, philox_seed, philox_offset, scale=scale)
+    return sdpa_flash_backward(op, grad_out, query, key, value, out, logsumexp, dropout_p,
+                               is_causal, philox_seed, scale)
+
+
 class _Handle:
     """Keeps the overriding registrations; remove() restores torch's kernels."""
 
@@ -261,64 +321,14 @@ class _Handle:
                 self._register_cuda()
 
     def _register_cuda(self) -> None:
-        torch_fwd, torch_bwd, torch_sdpa_fwd, torch_sdpa_bwd = (
-            _torch_kernel(name, "CUDA")
-            for name in (_CUDA_FORWARD, _CUDA_BACKWARD, _CUDA_SDPA_FORWARD, _CUDA_SDPA_BACKWARD))
-
-        def forward(keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-                    is_causal, return_debug_mask, *, scale=None, window_size_left=None,
-                    window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
-                    num_splits=None):
-            reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k, return_debug_mask,
-                                  seqused_k, alibi_slopes, block_table, num_splits,
-                                  dropout_p=dropout_p)
-            if reason is not None:
-                return _torch_or_refuse(torch_fwd, reason).call_boxed(
-                    keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-                    is_causal, return_debug_mask, scale=scale, window_size_left=window_size_left,
-                    window_size_right=window_size_right, seqused_k=seqused_k,
-                    alibi_slopes=alibi_slopes, block_table=block_table, num_splits=num_splits)
-            return flash_forward(ops.forward_op, query, key, value, dropout_p, is_causal, scale,
-                                 window_size_left, window_size_right)
-
-        def backward(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
-                     max_q, max_k, dropout_p, is_causal, rng_state_, unused, *, scale=None,
-                     window_size_left=None, window_size_right=None):
-            reason = cuda_refusal(query, key, value, cum_seq_q, cum_seq_k)
-            if reason is not None:
-                return _torch_or_refuse(torch_bwd, reason).call_boxed(
-                    keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
-                    max_q, max_k, dropout_p, is_causal, rng_state_, unused, scale=scale,
-                    window_size_left=window_size_left, window_size_right=window_size_right)
-            return flash_backward(ops.backward_op, grad_out, query, key, value, out, logsumexp,
-                                  dropout_p, is_causal, rng_state_, scale, window_size_left,
-                                  window_size_right)
-
-        def sdpa_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False,
-                         return_debug_mask=False, *, scale=None):
-            reason = cuda_refusal(query, key, value, return_debug_mask=return_debug_mask,
-                                  dropout_p=dropout_p)
-            if reason is not None:
-                return _torch_or_refuse(torch_sdpa_fwd, reason).call_boxed(
-                    keyset, query, key, value, dropout_p, is_causal, return_debug_mask,
-                    scale=scale)
-            return sdpa_flash_forward(ops.forward_op, query, key, value, dropout_p, is_causal,
-                                      scale)
-
-        def sdpa_backward(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q,
-                          cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed,
-                          philox_offset, *, scale=None):
-            reason = cuda_refusal(query, key, value)
-            if reason is not None:
-                return _torch_or_refuse(torch_sdpa_bwd, reason).call_boxed(
-                    keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
-                    max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset, scale=scale)
-            return sdpa_flash_backward(ops.backward_op, grad_out, query, key, value, out,
-                                       logsumexp, dropout_p, is_causal, philox_seed, scale)
-
-        for name, fn in ((_CUDA_FORWARD, forward), (_CUDA_BACKWARD, backward),
-                         (_CUDA_SDPA_FORWARD, sdpa_forward), (_CUDA_SDPA_BACKWARD, sdpa_backward)):
-            self._lib.impl(name, fn, "CUDA", with_keyset=True)
+        kernels = {name: _torch_kernel(name, "CUDA") for name in (
+            _CUDA_FORWARD, _CUDA_BACKWARD, _CUDA_SDPA_FORWARD, _CUDA_SDPA_BACKWARD)}
+        for name, fn, op in ((_CUDA_FORWARD, cuda_forward, ops.forward_op),
+                             (_CUDA_BACKWARD, cuda_backward, ops.backward_op),
+                             (_CUDA_SDPA_FORWARD, cuda_sdpa_forward, ops.forward_op),
+                             (_CUDA_SDPA_BACKWARD, cuda_sdpa_backward, ops.backward_op)):
+            self._lib.impl(name, functools.partial(fn, kernels[name], op), "CUDA",
+                           with_keyset=True)
 
     def remove(self) -> None:
         if self._lib is not None:

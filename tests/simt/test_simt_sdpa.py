@@ -1,7 +1,9 @@
 """torch's CUDA flash ops as selfattn overrides them (selfattn/sdpa.py, issue
 15), run on the emulated CUDA backend (torch.ops.selfattn_simt).
 
-The registered CUDA kernels are thin closures around sdpa.flash_forward,
+The registered CUDA kernels (sdpa.cuda_forward, cuda_backward,
+cuda_sdpa_forward, cuda_sdpa_backward, bound to torch's kernel and selfattn's
+op) route each call to torch's kernel or to sdpa.flash_forward,
 flash_backward, sdpa_flash_forward and sdpa_flash_backward, which take the op
 to run: here the emulated one, on CPU tensors. Each case checks torch's
 conventions (output and gradients laid out as torch.empty_like of the
@@ -131,3 +133,59 @@ def test_cuda_override_dropout_redraws_the_forward_mask(simt, bhsd):
                                 (expected, *expected_grads)):
         torch.testing.assert_close(bshd(ours).float(), cpu.float(), rtol=2e-2, atol=2e-2,
                                    msg=lambda m, label=label: f"{label}: {m}")
+
+
+class _TorchKernel:
+    """Stands for torch's own kernel: records the calls it takes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call_boxed(self, keyset, *args, **kwargs):
+        self.calls.append(kwargs)
+        return "torch's"
+
+
+def test_cuda_override_kernels_route_and_run(simt):
+    """The four registered CUDA kernels (sdpa.cuda_forward, ...), with the
+    emulated ops: what selfattn takes runs as flash_forward / flash_backward
+    do (their values against the reference above); packed batches go to
+    torch's kernel in both halves; dropout with an argument that only the
+    forward op receives raises."""
+    torch_kernel = _TorchKernel()
+    fwd, bwd = simt.attention_forward, simt.attention_backward
+    for bhsd in (False, True):
+        q, k, v, dout = _inputs(1, 4, 2, 24, 24, 32, F16, bhsd, seed=5)
+        if bhsd:
+            out, lse, *_, seed_offset, unused, _ = sdpa.cuda_sdpa_forward(
+                torch_kernel, fwd, None, q, k, v, 0.0, True)
+            expected = sdpa.sdpa_flash_forward(fwd, q, k, v, 0.0, True)[0]
+            grads = sdpa.cuda_sdpa_backward(torch_kernel, bwd, None, dout, q, k, v, out, lse, None,
+                                            None, 24, 24, 0.0, True, seed_offset, unused)
+            expected_grads = sdpa.sdpa_flash_backward(bwd, dout, q, k, v, out, lse, 0.0, True,
+                                                      seed_offset)
+        else:
+            out, lse, seed_offset, unused, _ = sdpa.cuda_forward(
+                torch_kernel, fwd, None, q, k, v, None, None, 24, 24, 0.0, True, False,
+                window_size_left=8)
+            expected = sdpa.flash_forward(fwd, q, k, v, 0.0, True, None, 8)[0]
+            grads = sdpa.cuda_backward(torch_kernel, bwd, None, dout, q, k, v, out, lse, None,
+                                       None, 24, 24, 0.0, True, seed_offset, unused,
+                                       window_size_left=8)
+            expected_grads = sdpa.flash_backward(bwd, dout, q, k, v, out, lse, 0.0, True,
+                                                 seed_offset, None, 8)
+        for ours, theirs in zip((out, *grads), (expected, *expected_grads)):
+            torch.testing.assert_close(ours, theirs)
+    assert torch_kernel.calls == []
+    offsets = torch.tensor([0, 24], dtype=torch.int32)
+    assert sdpa.cuda_forward(torch_kernel, fwd, None, q, k, v, offsets, offsets, 24, 24, 0.1,
+                             True, False) == "torch's"
+    assert sdpa.cuda_backward(torch_kernel, bwd, None, dout, q, k, v, out, lse, offsets, offsets,
+                              24, 24, 0.1, True, seed_offset, unused) == "torch's"
+    assert len(torch_kernel.calls) == 2
+    with pytest.raises(NotImplementedError, match="return_debug_mask"):
+        sdpa.cuda_sdpa_forward(torch_kernel, fwd, None, q, k, v, 0.1, True, True)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        sdpa.cuda_forward(torch_kernel, fwd, None, q, k, v, None, None, 24, 24, 0.1, True, False,
+                          alibi_slopes=torch.ones(4))
+    assert len(torch_kernel.calls) == 2
