@@ -189,13 +189,19 @@ def check_block_table(fn, block_table, rows, device, q_name):
                             f"{device}")
 
 
-def pool_as_batch(pool, batch, block_table):
-    """A paged cache's pool (num_pages, page_size, H, D) seen as `batch`
-    sequences of the longest length its block table can address, every
-    position its first key (a zero-stride view, for the shape checks of
-    attention_args)."""
-    longest = block_table.shape[1] * pool.shape[1]
-    return pool.as_strided((batch, longest) + tuple(pool.shape[2:]), (0, 0) + pool.stride()[2:])
+def pools_as_batch(fn, k_pool, v_pool, batch, block_table, names):
+    """A paged cache's key and value pools (num_pages, page_size, H, D|Dv),
+    checked to hold one number (>= 1) of pages of one size, each seen as
+    `batch` sequences of the longest length the block table can address,
+    every position its first row (zero-stride views, for the shape checks of
+    attention_args). `names`: the pools' names in messages."""
+    if k_pool.shape[0] < 1 or k_pool.shape[:2] != v_pool.shape[:2]:
+        raise ArgumentError(f"{fn}: {names[0]} and {names[1]} must be pools of one number (>= 1) "
+                            f"of pages of one size, got {tuple(k_pool.shape)} and "
+                            f"{tuple(v_pool.shape)}")
+    longest = block_table.shape[1] * k_pool.shape[1]
+    return tuple(t.as_strided((batch, longest) + tuple(t.shape[2:]), (0, 0) + t.stride()[2:])
+                 for t in (k_pool, v_pool))
 
 
 def call_op(fn, op, *args, checks=("",)):

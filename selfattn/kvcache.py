@@ -24,7 +24,7 @@ import torch
 
 from . import ops
 from ._args import (_tensor, attention_args, call_op, check_block_table, non_negative_int,
-                    pool_as_batch)
+                    pools_as_batch)
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous
 
@@ -87,11 +87,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     k1, v1 = k_cache, v_cache
     if paged and isinstance(q, torch.Tensor) and q.dim() == 4:
         check_block_table(FN, block_table, q.shape[0], q.device, "q")
-        if k_cache.shape[0] < 1 or k_cache.shape[:2] != v_cache.shape[:2]:
-            raise ArgumentError(f"{FN}: k_cache and v_cache must be pools of one number (>= 1) "
-                                f"of pages of one size, got {tuple(k_cache.shape)} and "
-                                f"{tuple(v_cache.shape)}")
-        k1, v1 = (pool_as_batch(t, q.shape[0], block_table) for t in (k_cache, v_cache))
+        k1, v1 = pools_as_batch(FN, k_cache, v_cache, q.shape[0], block_table,
+                                ("k_cache", "v_cache"))
     a = attention_args(FN, q, k1, v1, causal, "bottom_right", window, scale, None, None, 0.0,
                        ("q", "k_cache", "v_cache"))
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._args import attention_args, call_op, check_block_table, non_negative_int, pool_as_batch
+from ._args import attention_args, call_op, check_block_table, non_negative_int, pools_as_batch
 from .errors import ArgumentError, ArgumentTypeError
 from .functional import _last_dim_contiguous, rng_state
 
@@ -47,9 +47,6 @@ def _check_paged(query, key, value, block_table, seqused_k, dropout_p, cu_seq_q)
     if seqused_k is None:
         raise ArgumentError(f"{FN}: a block_table needs seqused_k, the key count of each "
                             "sequence (as torch's varlen_attn)")
-    if key.shape[0] < 1 or key.shape[:2] != value.shape[:2]:
-        raise ArgumentError(f"{FN}: key and value must be pools of one number (>= 1) of pages "
-                            f"of one size, got {tuple(key.shape)} and {tuple(value.shape)}")
     if dropout_p != 0.0:
         raise ArgumentError(f"{FN}: a paged KV cache is for inference: dropout_p must be 0, "
                             f"got {dropout_p!r}")
@@ -135,7 +132,7 @@ def varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
                                 f"{window_size!r}")
     # checks of dtypes, devices, heads, head dims, scale, window and dropout, on views
     # of the packed tensors as one batch
-    k1, v1 = ((pool_as_batch(t, 1, block_table) for t in (key, value)) if paged
+    k1, v1 = (pools_as_batch(FN, key, value, 1, block_table, ("key", "value")) if paged
               else (key.unsqueeze(0), value.unsqueeze(0)))
     a = attention_args(FN, query.unsqueeze(0), k1, v1, False, "bottom_right",
                        tuple(window_size), scale, None, None, dropout_p,
